@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""The tinyweb demo site: a page, a form, a session counter, a file upload and a PNG."""
+import hashlib
+import html
+import os
+import sys
+
+# From a checkout, tinyweb sits one folder up; an installed tinyweb is found the usual way.
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+
+import tinyweb  # noqa: E402
+from webob import exc  # noqa: E402
+
+app = tinyweb.App(__name__)
+
+PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title}</title></head>
+<body><h1>{title}</h1>
+{body}
+</body></html>
+"""
+
+
+def page(title, body):
+    return PAGE.format(title=html.escape(title), body=body)
+
+
+@app.get("/", name="index")
+def index(request):
+    links = [
+        ("user", request.url_for("user", id=7), "user 7 as JSON"),
+        ("form", request.url_for("form"), "a form"),
+        ("counter", request.url_for("counter"), "a session counter"),
+        ("upload", request.url_for("upload"), "a file upload"),
+        ("logo", request.url_for("logo"), "a PNG"),
+    ]
+    items = "\n".join(
+        '<li><a id="{0}" href="{1}">{2}</a></li>'.format(key, html.escape(href), text)
+        for key, href, text in links
+    )
+    mode = html.escape(request.environ.get("tinyweb.mode", "?"))
+    return page("tinyweb demo", "<p>Served in <b>%s</b> mode.</p>\n<ul>\n%s\n</ul>" % (mode, items))
+
+
+@app.route("/users/{id:int}", methods=["GET", "POST"], name="user")
+def user(request, id):
+    return {"id": id, "url": request.url_for("user", id=id)}
+
+
+FORM = """<form method="post" action="{action}">
+<label>Your name <input name="name" value=""></label> <button>Send</button>
+</form>"""
+
+
+@app.get("/form", name="form")
+def form(request):
+    return page("A form", FORM.format(action=html.escape(request.url_for("form"))))
+
+
+@app.post("/form")
+def form_post(request):
+    name = request.POST.get("name", "")
+    return page("A form", "<p id=\"greeting\">Hello, %s!</p>" % html.escape(name))
+
+
+@app.get("/counter", name="counter")
+def counter(request):
+    request.session["count"] = request.session.get("count", 0) + 1
+    return {"count": request.session["count"]}
+
+
+UPLOAD = """<form method="post" enctype="multipart/form-data" action="{action}">
+<input type="file" name="file"> <button>Upload</button>
+</form>"""
+
+
+@app.get("/upload", name="upload")
+def upload_form(request):
+    return page("An upload", UPLOAD.format(action=html.escape(request.url_for("upload"))))
+
+
+@app.post("/upload")
+def upload(request):
+    field = request.POST.get("file")
+    if field is None or not hasattr(field, "file"):
+        raise exc.HTTPBadRequest("send a file in the field 'file'")
+    data = field.file.read()
+    return {"filename": field.filename, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@app.get("/logo.png", name="logo")
+def logo(request):
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "logo.png"), "rb") as f:
+        request.response.content_type = "image/png"
+        return f.read()
+
+
+@app.get("/go", name="go")
+def go(request):
+    raise exc.HTTPFound(location=request.url_for("index"))
+
+
+@app.get("/about", name="about")
+def about(request):
+    return {
+        "mode": request.environ.get("tinyweb.mode"),
+        "python": sys.version.split()[0],
+        "loaded": {name: name in sys.modules for name in ("beaker", "flup")},
+    }
+
+
+app.run()

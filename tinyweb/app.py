@@ -1,0 +1,226 @@
+"""The App: a WSGI callable that routes a request to its handler and returns the response."""
+
+import sys
+import traceback
+
+from tinyweb.routing import Router
+
+__all__ = ["App"]
+
+
+class _LimitedInput:
+    """A body stream that stops a request at ``limit`` bytes with 413.
+
+    Used where the body has no Content-Length (a chunked upload passed on by a CGI server):
+    WebOb would otherwise copy it whole, with no upper bound (webob/request.py copy_body).
+    """
+
+    def __init__(self, stream, limit):
+        self._stream, self._left = stream, limit
+
+    def _take(self, data):
+        self._left -= len(data)
+        if self._left < 0:
+            from webob import exc
+
+            raise exc.HTTPRequestEntityTooLarge("The request body is larger than this app accepts.")
+        return data
+
+    def read(self, size=-1):
+        want = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
+        return self._take(self._stream.read(want))
+
+    def readline(self, size=-1):
+        want = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
+        return self._take(self._stream.readline(want))
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+
+class App:
+    """A tinyweb application: routes, settings, and the WSGI entry point."""
+
+    def __init__(self, import_name="__main__", **settings):
+        self.import_name = import_name
+        self.router = Router()
+        self._settings = settings
+        self._config = None
+
+    # -- routes ---------------------------------------------------------------------------
+
+    def route(self, pattern, methods=("GET",), name=None):
+        """Register the decorated function as the handler of ``pattern`` for ``methods``."""
+
+        def decorator(handler):
+            self.router.add(pattern, handler, methods, name)
+            return handler
+
+        return decorator
+
+    def get(self, pattern, name=None):
+        return self.route(pattern, ("GET",), name)
+
+    def post(self, pattern, name=None):
+        return self.route(pattern, ("POST",), name)
+
+    def put(self, pattern, name=None):
+        return self.route(pattern, ("PUT",), name)
+
+    def delete(self, pattern, name=None):
+        return self.route(pattern, ("DELETE",), name)
+
+    # -- settings -------------------------------------------------------------------------
+
+    @property
+    def app_file(self):
+        module = sys.modules.get(self.import_name)
+        return getattr(module, "__file__", None)
+
+    @property
+    def config(self):
+        """The app's Config, read from tinyweb.ini on first use."""
+        if self._config is None:
+            from tinyweb.config import load_config
+
+            self._config = load_config(self.app_file, self._settings)
+        return self._config
+
+    # -- serving --------------------------------------------------------------------------
+
+    def run(self, argv=None):
+        """Serve through the gateway this process was started for; do nothing when imported."""
+        from tinyweb.runners import run
+
+        is_main = self.import_name == "__main__"
+        status = run(self, argv=argv, is_main=is_main)
+        if is_main and status:
+            raise SystemExit(status)
+        return status
+
+    def __call__(self, environ, start_response):
+        from tinyweb.request import Request
+
+        environ.setdefault("tinyweb.mode", "wsgi")
+        environ["tinyweb.app"] = self
+        request = Request(environ)
+        response = self._respond(request)
+        prefix = _own_origin(environ)
+
+        def checked_start_response(status, headers, exc_info=None):
+            # WebOb makes every Location absolute from the Host header (which nginx's
+            # fastcgi_params passes without the port, and a client may forge); a
+            # same-origin redirect is sent as a path, which RFC 9110 allows.
+            headers = [
+                (k, v[len(prefix):]) if k.lower() == "location" and v.startswith(prefix + "/") else (k, v)
+                for k, v in headers
+            ]
+            return start_response(status, headers, exc_info)
+
+        return response(environ, checked_start_response)
+
+    def _respond(self, request):
+        from webob import exc
+
+        from tinyweb import responses
+        from tinyweb.config import ConfigError
+        from tinyweb.sessions import SessionStoreError
+
+        environ = request.environ
+        try:
+            try:
+                response = self._dispatch(request)
+            except exc.HTTPException as error:
+                response = error.wsgi_response
+            session = environ.get("tinyweb.session")
+            if session is not None:
+                from tinyweb.sessions import save_session
+
+                save_session(session, response)
+            responses.check_headers(response.headerlist)
+            return response
+        except SessionStoreError as error:
+            self._log(environ, "503: %s" % error)
+            return exc.HTTPServiceUnavailable("The session store is unavailable; try again later.")
+        except Exception as error:
+            text = traceback.format_exc()
+            self._log(environ, "500 on %s\n%s" % (_request_line(environ), text.rstrip()))
+            debug = False
+            if not isinstance(error, ConfigError):
+                try:
+                    debug = self.config.debug
+                except ConfigError:
+                    pass
+            return responses.error_page(text if debug else None)
+
+    def _dispatch(self, request):
+        from webob import exc
+
+        from tinyweb.responses import to_response
+
+        environ = request.environ
+        config = self.config
+        _check_host(environ, config.allowed_hosts)
+        _check_body(environ, config.max_body)
+        try:
+            path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            raise exc.HTTPBadRequest("The path is not valid UTF-8.")
+        route, params = self.router.match(environ["REQUEST_METHOD"].upper(), path or "/")
+        value = route.handler(request, **params)
+        return to_response(request, route.handler, value)
+
+    @staticmethod
+    def _log(environ, text):
+        stream = environ.get("wsgi.errors") or sys.stderr
+        stream.write("tinyweb: %s\n" % text)
+        try:
+            stream.flush()
+        except (AttributeError, OSError):
+            pass
+
+
+def _request_line(environ):
+    query = environ.get("QUERY_STRING")
+    return "%s %s%s%s" % (
+        environ.get("REQUEST_METHOD", "?"),
+        environ.get("SCRIPT_NAME", ""),
+        environ.get("PATH_INFO", ""),
+        "?" + query if query else "",
+    )
+
+
+def _own_origin(environ):
+    # The origin webob.Response._make_location_absolute builds a relative Location from.
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST") or "%s:%s" % (
+        environ.get("SERVER_NAME", ""), environ.get("SERVER_PORT", ""))
+    origin = "%s://%s" % (scheme, host)
+    if scheme == "http" and origin.endswith(":80") or scheme == "https" and origin.endswith(":443"):
+        origin = origin.rsplit(":", 1)[0]
+    return origin
+
+
+def _check_host(environ, allowed):
+    if not allowed:
+        return
+    host = environ.get("HTTP_HOST") or environ.get("SERVER_NAME", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name.lower() not in allowed:
+        from webob import exc
+
+        raise exc.HTTPBadRequest("This host name is not served here.")
+
+
+def _check_body(environ, limit):
+    """Refuse a body over ``limit`` before anything reads it (413), or bound an unsized one."""
+    from webob import exc
+
+    length = environ.get("CONTENT_LENGTH", "")
+    if length:
+        if not length.isdigit():
+            raise exc.HTTPBadRequest("Content-Length is not a number.")
+        if int(length) > limit:
+            raise exc.HTTPRequestEntityTooLarge("The request body is larger than this app accepts.")
+    elif environ.get("wsgi.input_terminated") and "wsgi.input" in environ:
+        environ["wsgi.input"] = _LimitedInput(environ["wsgi.input"], limit)

@@ -1,0 +1,132 @@
+"""Read an app's settings from tinyweb.ini beside its htdocs/, the environment and App arguments."""
+
+import configparser
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+__all__ = ["Config", "ConfigError", "load_config", "app_root"]
+
+DEFAULT_MAX_BODY = 10 * 1024 * 1024
+# What app_template/tinyweb.ini holds until `tinyweb new` writes a real secret there.
+SECRET_PLACEHOLDER = "@SECRET@"
+MIN_SECRET_LENGTH = 16
+
+
+class ConfigError(ValueError):
+    """tinyweb.ini or an App argument holds a value tinyweb cannot use."""
+
+
+@dataclass
+class Config:
+    root: Path
+    path: Optional[Path]
+    secret: Optional[str] = None
+    data_dir: Path = Path("data")
+    debug: bool = False
+    max_body: int = DEFAULT_MAX_BODY
+    allowed_hosts: List[str] = field(default_factory=list)
+    session: Dict[str, str] = field(default_factory=dict)
+
+    def require_secret(self):
+        """Return the secret, or raise ConfigError saying where to put one."""
+        where = self.path or (self.root / "tinyweb.ini")
+        if not self.secret:
+            raise ConfigError(
+                "sessions need a secret: add `secret = <random text>` under [tinyweb] in %s "
+                "(`tinyweb new` writes one)" % where
+            )
+        if self.secret == SECRET_PLACEHOLDER or len(self.secret) < MIN_SECRET_LENGTH:
+            raise ConfigError(
+                "the secret in %s is a placeholder or shorter than %d characters: "
+                "put a long random one there, e.g. from `python -c \"import secrets; "
+                "print(secrets.token_hex(32))\"`" % (where, MIN_SECRET_LENGTH)
+            )
+        return self.secret
+
+
+def app_root(app_file):
+    """Return the folder above the one holding the app file (the folder above htdocs/)."""
+    return Path(os.path.abspath(app_file)).parent.parent
+
+
+def _bool(text, key, where):
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError("%s: %s = %r is not true or false" % (where, key, text))
+
+
+def _size(text, key, where):
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError("%s: %s = %r is not a number of bytes" % (where, key, text))
+    return value
+
+
+def _hosts(value):
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    return [h.strip().lower() for h in value if h.strip()]
+
+
+def load_config(app_file, overrides=None, environ=None, warn=None):
+    """Return the Config for the app whose file is ``app_file``.
+
+    The file is found from the app's own location, never from the working directory
+    (mod_python's cgihandler and CGI servers each choose their own cwd); TINYWEB_CONFIG
+    names another file. ``overrides`` (App arguments) win over the file.
+    """
+    environ = os.environ if environ is None else environ
+    warn = warn or (lambda text: sys.stderr.write("tinyweb: %s\n" % text))
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    root = app_root(app_file) if app_file else Path(os.getcwd())
+    path = Path(environ["TINYWEB_CONFIG"]) if environ.get("TINYWEB_CONFIG") else root / "tinyweb.ini"
+
+    config = Config(root=root, path=None, data_dir=root / "data")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+        config.path = path
+    except FileNotFoundError:
+        if "secret" not in overrides:
+            warn("no config file at %s: serving without a secret, so sessions are off "
+                 "(`tinyweb new` makes one)" % path)
+    except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+        raise ConfigError("cannot read %s: %s" % (path, exc))
+
+    where = str(path)
+    if parser.has_section("tinyweb"):
+        section = parser["tinyweb"]
+        config.secret = section.get("secret", "").strip() or None
+        if section.get("data_dir", "").strip():
+            config.data_dir = root / section["data_dir"].strip()
+        config.debug = _bool(section.get("debug", "false"), "debug", where)
+        config.max_body = _size(section.get("max_body", DEFAULT_MAX_BODY), "max_body", where)
+        config.allowed_hosts = _hosts(section.get("allowed_hosts", ""))
+    if parser.has_section("session"):
+        config.session = dict(parser["session"])
+
+    if environ.get("TINYWEB_DEBUG", "").strip() not in ("", "0"):
+        config.debug = True
+    for key, value in overrides.items():
+        if key == "data_dir":
+            value = root / value
+        elif key == "max_body":
+            value = _size(value, key, "App(...)")
+        elif key == "allowed_hosts":
+            value = _hosts(value)
+        elif key == "session":
+            value = dict(config.session, **value)
+        elif not hasattr(config, key) or key in ("root", "path"):
+            raise ConfigError("App(...) got an unknown setting %r" % key)
+        setattr(config, key, value)
+    return config

@@ -1,0 +1,74 @@
+"""The request a handler gets: a webob.Request with the app's response, session and url_for."""
+
+from urllib.parse import quote
+
+import webob
+from webob import exc
+
+__all__ = ["Request", "Response"]
+
+# What WebOb and the stdlib parsers raise on hostile or broken input (notes/dependencies.md
+# §1.2): these are the client's fault and become a 400, never a 500.
+_BAD_INPUT = (UnicodeError, LookupError, ValueError, DeprecationWarning, IOError)
+
+
+class Response(webob.Response):
+    """A webob.Response with no content type until one is chosen.
+
+    The type then follows what the handler returns (str: HTML, bytes: octet-stream, dict:
+    JSON) unless the handler set one itself on ``request.response``.
+    """
+
+    default_content_type = None
+
+
+class Request(webob.Request):
+    """A webob.Request that knows its app; everything it holds lives in ``environ``."""
+
+    ResponseClass = Response
+
+    @property
+    def app(self):
+        return self.environ["tinyweb.app"]
+
+    @property
+    def response(self):
+        """The response a ``str``, ``dict`` or tuple returned by the handler is put into."""
+        response = self.environ.get("tinyweb.response")
+        if response is None:
+            response = self.environ["tinyweb.response"] = Response()
+        return response
+
+    @property
+    def session(self):
+        """The Beaker session, loaded from its cookie the first time it is touched."""
+        session = self.environ.get("tinyweb.session")
+        if session is None:
+            from tinyweb.sessions import open_session
+
+            session = self.environ["tinyweb.session"] = open_session(self, self.app.config)
+        return session
+
+    def url_for(self, name, **params):
+        """Return the path of the route ``name``, below the script's own path (SCRIPT_NAME)."""
+        script = self.environ.get("SCRIPT_NAME", "")
+        script = quote(script.encode("latin-1"), safe="/") if script else ""
+        return script + self.app.router.build(name, params)
+
+    @property
+    def GET(self):
+        try:
+            return webob.Request.GET.fget(self)
+        except _BAD_INPUT:
+            raise exc.HTTPBadRequest("The query string is malformed or not UTF-8.")
+
+    @property
+    def POST(self):
+        try:
+            return webob.Request.POST.fget(self)
+        except exc.HTTPException:
+            raise
+        except _BAD_INPUT:
+            raise exc.HTTPBadRequest("The request body is malformed or not in the declared encoding.")
+
+    params = property(lambda self: webob.multidict.NestedMultiDict(self.GET, self.POST))

@@ -1,0 +1,130 @@
+"""Turn what a handler returns into a response, and build the 500 page."""
+
+import html
+import json
+import re
+
+import webob
+
+__all__ = ["to_response", "error_page", "check_headers", "HeaderError"]
+
+_HTML = "text/html"
+_JSON = "application/json"
+_OCTETS = "application/octet-stream"
+
+# RFC 9110 field-name token, and a value without CR, LF or NUL: WebOb's plain header
+# assignment, flup and wsgiref all pass those through (response splitting).
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
+
+
+class HeaderError(ValueError):
+    """A handler set a header whose name or value could split the response."""
+
+
+def _name(handler):
+    return "%s.%s" % (getattr(handler, "__module__", "?"), getattr(handler, "__qualname__", handler))
+
+
+def _set_body(response, value, handler):
+    if isinstance(value, str):
+        if response.content_type is None:
+            response.content_type = _HTML
+        if not response.charset:
+            response.charset = "utf-8"
+        response.body = value.encode(response.charset)
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        if response.content_type is None:
+            response.content_type = _OCTETS
+        response.body = bytes(value)
+    elif isinstance(value, (dict, list)):
+        if response.content_type is None:
+            response.content_type = _JSON
+        response.body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    else:
+        raise TypeError(
+            "handler %s returned a %s as a body: return str, bytes, dict or list"
+            % (_name(handler), type(value).__name__)
+        )
+
+
+class _Chunks:
+    """Encode the str chunks of a streamed body as UTF-8, and pass close() on."""
+
+    def __init__(self, iterable):
+        self._iterable = iterable
+        self._iterator = iter(iterable)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        chunk = next(self._iterator)
+        return chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+
+    def close(self):
+        close = getattr(self._iterable, "close", None)
+        if close is not None:
+            close()
+
+
+def to_response(request, handler, value):
+    """Return the webob.Response for a handler's return value, or raise TypeError naming it."""
+    if isinstance(value, webob.Response):
+        return value
+    response = request.response
+    if isinstance(value, tuple):
+        if len(value) not in (2, 3):
+            raise TypeError(
+                "handler %s returned a tuple of %d: return (body, status) or (body, status, headers)"
+                % (_name(handler), len(value))
+            )
+        body, status = value[0], value[1]
+        response.status = status
+        headers = value[2] if len(value) == 3 else ()
+        for name, header in (headers.items() if hasattr(headers, "items") else headers):
+            if name.lower() == "content-type":
+                response.content_type = None
+                response.headers["Content-Type"] = header
+            else:
+                response.headers[name] = header
+        _set_body(response, body, handler)
+        return response
+    if isinstance(value, (str, bytes, bytearray, memoryview, dict, list)):
+        _set_body(response, value, handler)
+        return response
+    if value is not None and hasattr(value, "__iter__"):
+        if response.content_type is None:
+            response.content_type = _HTML
+            response.charset = "utf-8"
+        response.app_iter = _Chunks(value)
+        return response
+    raise TypeError(
+        "handler %s returned %r: return str, bytes, dict, list, a webob.Response, "
+        "a (body, status[, headers]) tuple or an iterable of chunks" % (_name(handler), value)
+    )
+
+
+def check_headers(headerlist):
+    """Raise HeaderError if any header name or value could split the response."""
+    for name, value in headerlist:
+        if not _TOKEN.match(name):
+            raise HeaderError("invalid header name %r" % name)
+        if _BAD_VALUE.search(value):
+            raise HeaderError("header %s has a CR, LF or NUL in its value" % name)
+
+
+_ERROR = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>500 Internal Server Error</title></head>
+<body><h1>Internal Server Error</h1>
+<p>The server could not complete your request. The error has been logged.</p>
+%s</body></html>
+"""
+
+
+def error_page(traceback_text=None):
+    """Return a 500 response; the traceback is shown only when given (debug on)."""
+    detail = "<pre>%s</pre>\n" % html.escape(traceback_text) if traceback_text else ""
+    response = webob.Response(status=500, content_type=_HTML, charset="utf-8")
+    response.body = (_ERROR % detail).encode("utf-8")
+    return response

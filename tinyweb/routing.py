@@ -1,0 +1,133 @@
+"""Match request paths to handlers and build paths back from route names.
+
+``Router.match`` returns ``(route, params)`` or raises 404/405, as Bottle's router does.
+"""
+
+import re
+from urllib.parse import quote, urlencode
+
+__all__ = ["Route", "Router", "RouteError"]
+
+# {name}: one path segment; {name:int}: digits, passed as int; {name:path}: the rest.
+_CONVERTERS = {
+    "str": (r"[^/]+", str),
+    "int": (r"[0-9]+", int),
+    "path": (r".+", str),
+}
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([a-z]+))?\}")
+_ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+
+
+class RouteError(ValueError):
+    """A route pattern or a url_for call is malformed."""
+
+
+class Route:
+    """One path pattern, the handler it calls, and the methods it answers."""
+
+    def __init__(self, pattern, handler, methods, name=None):
+        if not pattern.startswith("/"):
+            raise RouteError("route %r must start with '/'" % pattern)
+        self.pattern = pattern
+        self.handler = handler
+        self.methods = frozenset(m.upper() for m in methods)
+        self.name = name
+        regex, self.converters, self._parts = self._compile(pattern)
+        self.regex = re.compile(regex)
+
+    @staticmethod
+    def _compile(pattern):
+        regex, converters, parts, pos = ["^"], {}, [], 0
+        for match in _PARAM.finditer(pattern):
+            literal = pattern[pos:match.start()]
+            regex.append(re.escape(literal))
+            parts.append(literal)
+            name, kind = match.group(1), match.group(2) or "str"
+            if kind not in _CONVERTERS:
+                raise RouteError("route %r: unknown converter %r (use int or path)" % (pattern, kind))
+            if name in converters:
+                raise RouteError("route %r: parameter %r appears twice" % (pattern, name))
+            expr, convert = _CONVERTERS[kind]
+            regex.append("(?P<%s>%s)" % (name, expr))
+            converters[name] = (kind, convert)
+            parts.append((name, kind))
+            pos = match.end()
+        regex.append(re.escape(pattern[pos:]) + "$")
+        parts.append(pattern[pos:])
+        return "".join(regex), converters, parts
+
+    def match(self, path):
+        """Return the converted parameters if ``path`` matches, else None."""
+        found = self.regex.match(path)
+        if found is None:
+            return None
+        return {name: self.converters[name][1](value) for name, value in found.groupdict().items()}
+
+    def build(self, params):
+        """Return the path for ``params``; parameters the pattern lacks become the query."""
+        out, extra = [], dict(params)
+        for part in self._parts:
+            if isinstance(part, str):
+                out.append(quote(part))
+                continue
+            name, kind = part
+            if name not in extra:
+                raise RouteError("url_for(%r) needs the parameter %r" % (self.name, name))
+            value = str(extra.pop(name))
+            if kind == "int" and not value.isdigit():
+                raise RouteError("url_for(%r): %r must be a whole number" % (self.name, name))
+            out.append(quote(value, safe="/" if kind == "path" else ""))
+        path = "".join(out)
+        if extra:
+            path += "?" + urlencode(extra, doseq=True)
+        return path
+
+
+class Router:
+    """An ordered list of routes; the first whose pattern and method match wins."""
+
+    def __init__(self):
+        self.routes = []
+        self.names = {}
+        # Methods allowed per pattern, kept up to date as routes are added, so a 405's
+        # Allow header costs nothing per request.
+        self._allowed = {}
+
+    def add(self, pattern, handler, methods=("GET",), name=None):
+        methods = {m.upper() for m in methods}
+        unknown = methods - set(_ALL_METHODS)
+        if unknown:
+            raise RouteError("route %r: unknown method(s) %s" % (pattern, ", ".join(sorted(unknown))))
+        if "GET" in methods:
+            methods.add("HEAD")
+        route = Route(pattern, handler, methods, name)
+        if name is not None:
+            if name in self.names:
+                raise RouteError("two routes are named %r" % name)
+            self.names[name] = route
+        self.routes.append(route)
+        allowed = self._allowed.setdefault(pattern, set())
+        allowed.update(route.methods)
+        return route
+
+    def match(self, method, path):
+        """Return ``(route, params)`` for a request, or raise HTTPNotFound / HTTPMethodNotAllowed."""
+        allowed = None
+        for route in self.routes:
+            params = route.match(path)
+            if params is None:
+                continue
+            if method in route.methods:
+                return route, params
+            allowed = (allowed or set()) | self._allowed[route.pattern]
+        from webob import exc
+
+        if allowed is None:
+            raise exc.HTTPNotFound()
+        raise exc.HTTPMethodNotAllowed(headers={"Allow": ", ".join(sorted(allowed))})
+
+    def build(self, name, params):
+        route = self.names.get(name)
+        if route is None:
+            raise RouteError("no route is named %r" % name)
+        return route.build(params)

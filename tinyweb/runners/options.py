@@ -1,0 +1,163 @@
+"""Parse the gateway options from command-line flags and TINYWEB_* environment variables."""
+
+import argparse
+import re
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+MODES = ("cgi", "modpython", "fcgi", "dev")
+
+# A unix socket path, or a (host, port) / (host, port, 0, 0) address for socket.bind.
+Address = Union[str, Tuple]
+
+
+class UsageError(ValueError):
+    """A flag or environment variable has a value tinyweb cannot use."""
+
+
+@dataclass
+class Options:
+    mode: Optional[str] = None
+    bind: Optional[Address] = None
+    workers: Optional[int] = None
+    threads: Optional[int] = None
+    max_requests: int = 0
+    umask: Optional[int] = None
+    socket_group: Optional[str] = None
+    socket_mode: Optional[int] = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    reload: bool = False
+    # True when the mode was not asked for but fell back to "dev": the dev gateway says so.
+    announce: bool = False
+
+
+_TCP = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^/\[\]:]*)):(?P<port>\d{1,5})$")
+
+
+def parse_address(text):
+    """Turn ``PATH``, ``unix:PATH``, ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` into an address."""
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path:
+            raise UsageError("--bind unix: needs a socket path, e.g. unix:/run/app.sock")
+        return path
+    match = _TCP.match(text)
+    if match is None:
+        if not text:
+            raise UsageError("--bind needs an address: PATH, unix:PATH, HOST:PORT or :PORT")
+        return text
+    port = int(match.group("port"))
+    if not 0 < port < 65536:
+        raise UsageError("--bind %s: port must be 1-65535" % text)
+    if match.group("v6") is not None:
+        return (match.group("v6"), port, 0, 0)
+    return (match.group("host") or "127.0.0.1", port)
+
+
+def _octal(text):
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an octal number such as 0660" % text)
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("%r is not a whole number of at least 1" % text)
+    return value
+
+
+def _count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r is not a whole number of at least 0" % text)
+    return value
+
+
+def _port(text):
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError("%r is not a port number (1-65535)" % text)
+    return value
+
+
+# flag, environment variable, argparse keyword arguments
+_FLAGS = [
+    ("--mode", "TINYWEB_MODE", dict(choices=MODES, help="gateway to serve through")),
+    ("--bind", "TINYWEB_BIND",
+     dict(help="fcgi: PATH or unix:PATH, HOST:PORT, [IPV6]:PORT or :PORT (127.0.0.1); "
+               "default: the listening socket on stdin")),
+    ("--workers", "TINYWEB_WORKERS", dict(type=_positive, help="fcgi: N single-threaded processes")),
+    ("--threads", "TINYWEB_THREADS", dict(type=_positive, help="fcgi: one process with N threads")),
+    ("--max-requests", "TINYWEB_MAX_REQUESTS",
+     dict(type=_count, help="fcgi: recycle a worker after N requests (0: never)")),
+    ("--umask", "TINYWEB_UMASK", dict(type=_octal, help="fcgi: umask for the process (octal)")),
+    ("--socket-group", "TINYWEB_SOCKET_GROUP",
+     dict(help="fcgi: group that owns the unix socket (the web server's)")),
+    ("--socket-mode", "TINYWEB_SOCKET_MODE",
+     dict(type=_octal, help="fcgi: permissions of the unix socket (octal, e.g. 0660)")),
+    ("--host", "TINYWEB_HOST", dict(help="dev: address to listen on (default 127.0.0.1)")),
+    ("--port", "TINYWEB_PORT", dict(type=_port, help="dev: port (default 8000)")),
+]
+
+
+def build_parser(prog=None):
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve this tinyweb app. Without --mode the gateway is detected: "
+        "mod_python, a FastCGI socket on stdin, a CGI request, else the dev server.",
+    )
+    for flag, env, kwargs in _FLAGS:
+        kwargs = dict(kwargs)
+        kwargs["help"] = "%s [env %s]" % (kwargs["help"], env)
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument("--reload", action="store_true", help="dev: restart when a source file changes")
+    return parser
+
+
+def parse_options(argv, environ, prog=None):
+    """Return Options from ``argv`` and ``environ``; a flag beats its environment variable."""
+    parser = build_parser(prog)
+    # Environment values go through the same parser, so they are checked the same way.
+    env_argv = []
+    for flag, env, _ in _FLAGS:
+        value = environ.get(env)
+        if value:
+            env_argv.append("%s=%s" % (flag, value))
+
+    class _Raising(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError("environment: " + message)
+
+    env_parser = build_parser(prog)
+    env_parser.__class__ = _Raising
+    defaults = vars(env_parser.parse_args(env_argv))
+    parser.set_defaults(**{k: v for k, v in defaults.items() if v is not None})
+    args = parser.parse_args(argv)
+
+    if args.workers is not None and args.threads is not None:
+        parser.error("--workers and --threads exclude each other: choose one process model")
+    options = Options(
+        mode=args.mode,
+        bind=parse_address(args.bind) if args.bind is not None else None,
+        workers=args.workers,
+        threads=args.threads,
+        max_requests=args.max_requests or 0,
+        umask=args.umask,
+        socket_group=args.socket_group,
+        socket_mode=args.socket_mode,
+        host=args.host or "127.0.0.1",
+        port=args.port or 8000,
+        reload=args.reload,
+    )
+    if options.bind is not None and options.mode is None:
+        options.mode = "fcgi"
+    return options

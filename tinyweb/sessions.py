@@ -1,0 +1,122 @@
+"""Open a request's Beaker session with safe defaults, and save it when the handler changed it.
+
+Beaker is imported only here, and only when a handler first touches ``request.session``.
+"""
+
+import json
+import os
+import re
+
+__all__ = ["open_session", "save_session", "SessionStoreError", "COOKIE_NAME"]
+
+COOKIE_NAME = "tinyweb_session"
+
+# Beaker's signed cookie is 40 hex digits of HMAC-SHA1 followed by the id, and its ids are
+# uuid4().hex. Anything else never reaches Beaker: its file store turns the raw id into a
+# file name (beaker#248: "..poc" climbed a directory; 300 characters or a NUL gave a 500).
+_SIGNED_ID = re.compile(r"^[0-9a-f]{40}[0-9a-f]{32}$")
+
+
+class SessionStoreError(RuntimeError):
+    """The session store cannot be used (data dir missing, unwritable, disk full)."""
+
+
+def _cookie_value(header, name):
+    # Pick our one cookie out by hand rather than give Beaker the whole header: Python's
+    # cookie parser is quadratic on backslashes (CVE-2024-7592) and drops every cookie when
+    # another site's cookie on the same host is malformed.
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value.strip().strip('"')
+    return None
+
+
+def _snapshot(session):
+    data = {k: v for k, v in session.items() if k != "_accessed_time"}
+    try:
+        return json.dumps(data, sort_keys=True, default=repr)
+    except (TypeError, ValueError):
+        return repr(sorted(data.items(), key=lambda kv: str(kv[0])))
+
+
+def _session_options(config, request):
+    options = {
+        "type": "file",
+        "data_dir": str(config.data_dir / "sessions"),
+        "key": COOKIE_NAME,
+        "timeout": None,
+    }
+    options.update(config.session)
+    from beaker.util import coerce_session_params
+
+    options = coerce_session_params(options)
+    # These are not left to the config file: pickle from a store or cookie a client can
+    # reach is code execution (CVE-2013-7489); a corrupt or forged session is a new one.
+    options.update(
+        secret=config.require_secret(),
+        data_serializer="json",
+        invalidate_corrupt=True,
+        httponly=True,
+        samesite="Lax",
+        secure=request.scheme == "https",
+        cookie_path=request.environ.get("SCRIPT_NAME") or "/",
+    )
+    if options.get("type") == "cookie":
+        # Cookie-only sessions put the data in the client's hands; not offered.
+        from tinyweb.config import ConfigError
+
+        raise ConfigError("[session] type = cookie is not supported: use file (default) or ext:*")
+    return options
+
+
+def _ensure_dir(path):
+    # Beaker's file store pickles its container (container.py) whatever the serializer: the
+    # data dir must be private to the app's user, so every level made here is 0700.
+    try:
+        if not os.path.isdir(path):
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass  # made meanwhile by a concurrent request
+    except OSError as exc:
+        raise SessionStoreError("cannot create the session directory %s: %s" % (path, exc.strerror))
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SessionStoreError(
+            "the session directory %s is not writable by uid %d: make the data dir belong to "
+            "the user the app runs as (`tinyweb new DIR --user www-data`)" % (path, os.getuid())
+        )
+
+
+def open_session(request, config):
+    """Load the session named by the request's cookie, or start a fresh one."""
+    from beaker.session import Session
+
+    options = _session_options(config, request)
+    if options["type"] == "file":
+        _ensure_dir(options["data_dir"])
+    value = _cookie_value(request.environ.get("HTTP_COOKIE", ""), options["key"])
+    beaker_request = {}
+    if value and _SIGNED_ID.match(value):
+        beaker_request["cookie"] = "%s=%s" % (options["key"], value)
+    try:
+        session = Session(beaker_request, **options)
+    except OSError as exc:
+        raise SessionStoreError("cannot read the session store: %s" % exc)
+    session._tinyweb = (beaker_request, session.id, _snapshot(session))
+    return session
+
+
+def save_session(session, response):
+    """Persist ``session`` if the handler changed it, and send its cookie when it is new."""
+    beaker_request, first_id, first = session._tinyweb
+    if session.id == first_id and _snapshot(session) == first:
+        return
+    try:
+        session.save()
+    except (TypeError, ValueError) as exc:
+        raise TypeError("session values must be JSON-serialisable: %s" % exc)
+    except OSError as exc:
+        raise SessionStoreError("cannot save the session: %s" % exc)
+    if session.is_new or session.id != first_id or getattr(session, "was_invalidated", False):
+        response.headers.add("Set-Cookie", beaker_request["cookie_out"].strip())
