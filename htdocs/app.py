@@ -6,7 +6,10 @@ import os
 import sys
 
 # From a checkout, tinyweb sits one folder up; an installed tinyweb is found the usual way.
-sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+# (Checked before inserting: mod_python runs this file again on every request.)
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_checkout, "tinyweb")) and _checkout not in sys.path:
+    sys.path.insert(1, _checkout)
 
 import tinyweb  # noqa: E402
 from webob import exc  # noqa: E402
