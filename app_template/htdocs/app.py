@@ -4,8 +4,9 @@
 """A tinyweb app: this one file runs unchanged as CGI, under mod_python, as FastCGI or in the dev server.
 
 A CGI server compiles this file on every request (the script it runs is never cached as
-bytecode): keep it thin. Put the bulk of your code in modules next to it or in a package,
-which are compiled once (`python -m compileall -q htdocs` after changing them).
+bytecode): keep it thin. Put the bulk of your code in a package outside htdocs/ (every .py
+file in htdocs/ is a script the web server will run or serve), installed in the same venv
+(`pip install -e .`), where it is compiled once.
 """
 import tinyweb
 

@@ -324,9 +324,9 @@ def advice(target, python, user, owner_given):
         "    }",
         "",
         "Keep htdocs/app.py thin: a CGI server compiles the script it runs on every request.",
-        "Put the bulk of the code in modules beside it or in a package, and after changing them run",
-        "    %s -m compileall -q %s" % (python, htdocs),
-        "(the web server's user cannot write their compiled bytecode there itself).",
+        "Put the bulk of the code in a package outside htdocs/ (every .py file in htdocs/ is a",
+        "script the web server runs or serves), installed with `%s -m pip install -e DIR`," % python,
+        "where it is compiled once.",
     ]
     return "\n".join(lines) + "\n"
 
