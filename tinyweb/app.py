@@ -112,7 +112,7 @@ class App:
             # fastcgi_params passes without the port, and a client may forge); a
             # same-origin redirect is sent as a path, which RFC 9110 allows.
             headers = [
-                (k, v[len(prefix):]) if k.lower() == "location" and v.startswith(prefix + "/") else (k, v)
+                (k, _relative_location(v, prefix)) if k.lower() == "location" else (k, v)
                 for k, v in headers
             ]
             return start_response(status, headers, exc_info)
@@ -201,6 +201,19 @@ def _own_origin(environ):
     return origin
 
 
+def _relative_location(location, origin):
+    """Return ``location`` as a path when it points into ``origin``, else unchanged."""
+    if not location.startswith(origin + "/"):
+        return location
+    path = location[len(origin):]
+    # "http://host//evil.example/" (from "/a/..//evil.example" or ".//evil.example") is
+    # on this host, but as a path a browser reads "//evil.example" and "/\evil.example" as
+    # another host (WHATWG URL: a backslash is a slash in http URLs): those stay absolute.
+    if path[1:2] in ("/", "\\"):
+        return location
+    return path
+
+
 def _check_host(environ, allowed):
     if not allowed:
         return
@@ -218,7 +231,8 @@ def _check_body(environ, limit):
 
     length = environ.get("CONTENT_LENGTH", "")
     if length:
-        if not length.isdigit():
+        # RFC 9110 §8.6: 1*DIGIT, ASCII only; str.isdigit() also takes "²", which int() refuses.
+        if not (length.isascii() and length.isdigit()):
             raise exc.HTTPBadRequest("Content-Length is not a number.")
         if int(length) > limit:
             raise exc.HTTPRequestEntityTooLarge("The request body is larger than this app accepts.")

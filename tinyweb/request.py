@@ -1,9 +1,11 @@
 """The request a handler gets: a webob.Request with the app's response, session and url_for."""
 
+import json
 from urllib.parse import quote
 
 import webob
 from webob import exc
+from webob.request import DisconnectionError
 
 __all__ = ["Request", "Response"]
 
@@ -72,3 +74,38 @@ class Request(webob.Request):
             raise exc.HTTPBadRequest("The request body is malformed or not in the declared encoding.")
 
     params = property(lambda self: webob.multidict.NestedMultiDict(self.GET, self.POST))
+
+    @property
+    def body(self):
+        try:
+            return webob.Request.body.fget(self)
+        except DisconnectionError:
+            # Content-Length promised more than the client sent before it hung up.
+            raise exc.HTTPBadRequest("The request body ended before its Content-Length.")
+
+    @body.setter
+    def body(self, value):
+        webob.Request.body.fset(self, value)
+
+    @body.deleter
+    def body(self):
+        webob.Request.body.fdel(self)
+
+    @property
+    def json(self):
+        """The body parsed as JSON; 400 when it is not JSON in the declared charset."""
+        body = self.body
+        try:
+            return json.loads(body.decode(self.charset))
+        except (UnicodeError, LookupError, ValueError):
+            raise exc.HTTPBadRequest("The request body is not valid JSON.")
+
+    @json.setter
+    def json(self, value):
+        webob.Request.json.fset(self, value)
+
+    @json.deleter
+    def json(self):
+        del self.body
+
+    json_body = json

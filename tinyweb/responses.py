@@ -12,10 +12,10 @@ _HTML = "text/html"
 _JSON = "application/json"
 _OCTETS = "application/octet-stream"
 
-# RFC 9110 field-name token, and a value without CR, LF or NUL: WebOb's plain header
-# assignment, flup and wsgiref all pass those through (response splitting).
+# RFC 9110 field-name token, and a value without control characters but HTAB (§5.5): WebOb's
+# plain header assignment, flup and wsgiref all pass CR/LF through (response splitting).
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HeaderError(ValueError):
@@ -51,16 +51,25 @@ def _set_body(response, value, handler):
 class _Chunks:
     """Encode the str chunks of a streamed body as UTF-8, and pass close() on."""
 
-    def __init__(self, iterable):
+    def __init__(self, iterable, handler):
         self._iterable = iterable
         self._iterator = iter(iterable)
+        self._handler = handler
 
     def __iter__(self):
         return self
 
     def __next__(self):
         chunk = next(self._iterator)
-        return chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+        if isinstance(chunk, str):
+            return chunk.encode("utf-8")
+        if isinstance(chunk, bytes):
+            return chunk
+        # Left to the gateway, this is an assertion deep in wsgiref or flup that names no one.
+        raise TypeError(
+            "handler %s yielded a %s: a streamed body is made of str or bytes chunks"
+            % (_name(self._handler), type(chunk).__name__)
+        )
 
     def close(self):
         close = getattr(self._iterable, "close", None)
@@ -97,7 +106,7 @@ def to_response(request, handler, value):
         if response.content_type is None:
             response.content_type = _HTML
             response.charset = "utf-8"
-        response.app_iter = _Chunks(value)
+        response.app_iter = _Chunks(value, handler)
         return response
     raise TypeError(
         "handler %s returned %r: return str, bytes, dict, list, a webob.Response, "
@@ -106,12 +115,19 @@ def to_response(request, handler, value):
 
 
 def check_headers(headerlist):
-    """Raise HeaderError if any header name or value could split the response."""
+    """Raise HeaderError if any header name or value could split or break the response."""
     for name, value in headerlist:
         if not _TOKEN.match(name):
             raise HeaderError("invalid header name %r" % name)
         if _BAD_VALUE.search(value):
-            raise HeaderError("header %s has a CR, LF or NUL in its value" % name)
+            raise HeaderError("header %s has a control character (CR, LF, NUL...) in its value" % name)
+        try:
+            # PEP 3333: header strings are latin-1; a gateway would fail encoding them
+            # after this app's error handling has had its chance.
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise HeaderError("header %s has a character outside latin-1 in its value: "
+                              "encode it (RFC 8187, or percent-encoding)" % name)
 
 
 _ERROR = """<!DOCTYPE html>

@@ -15,6 +15,7 @@ _CONVERTERS = {
     "path": (r".+", str),
 }
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([a-z]+))?\}")
+_STRAY_BRACE = re.compile(r"[^/]*[{}][^/]*")
 _ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
 
@@ -36,10 +37,21 @@ class Route:
         self.regex = re.compile(regex)
 
     @staticmethod
-    def _compile(pattern):
+    def _literal(pattern, literal):
+        # A brace outside a well-formed {name} or {name:kind} is a typo ("{user-id}",
+        # "{id:Int}", "{id"); matched literally it would only ever give 404s.
+        stray = _STRAY_BRACE.search(literal)
+        if stray:
+            raise RouteError("route %r: %r is not a parameter: write {name}, {name:int} or "
+                             "{name:path}, with a name made of letters, digits and _"
+                             % (pattern, stray.group()))
+        return literal
+
+    @classmethod
+    def _compile(cls, pattern):
         regex, converters, parts, pos = ["^"], {}, [], 0
         for match in _PARAM.finditer(pattern):
-            literal = pattern[pos:match.start()]
+            literal = cls._literal(pattern, pattern[pos:match.start()])
             regex.append(re.escape(literal))
             parts.append(literal)
             name, kind = match.group(1), match.group(2) or "str"
@@ -52,8 +64,9 @@ class Route:
             converters[name] = (kind, convert)
             parts.append((name, kind))
             pos = match.end()
-        regex.append(re.escape(pattern[pos:]) + "$")
-        parts.append(pattern[pos:])
+        literal = cls._literal(pattern, pattern[pos:])
+        regex.append(re.escape(literal) + "$")
+        parts.append(literal)
         return "".join(regex), converters, parts
 
     def match(self, path):

@@ -50,7 +50,13 @@ def _session_options(config, request):
     options.update(config.session)
     from beaker.util import coerce_session_params
 
-    options = coerce_session_params(options)
+    try:
+        options = coerce_session_params(options)
+    except Exception as exc:  # Beaker raises a bare Exception for a bad option (util.py)
+        from tinyweb.config import ConfigError
+
+        where = config.path or (config.root / "tinyweb.ini")
+        raise ConfigError("%s: [session] %s" % (where, exc))
     # These are not left to the config file: pickle from a store or cookie a client can
     # reach is code execution (CVE-2013-7489); a corrupt or forged session is a new one.
     options.update(
@@ -112,10 +118,16 @@ def save_session(session, response):
     beaker_request, first_id, first = session._tinyweb
     if session.id == first_id and _snapshot(session) == first:
         return
+    # Checked before save(): Beaker opens the store file for replacing before it serialises,
+    # so a value JSON refuses would leave the stored session emptied.
+    for key, value in session.items():
+        try:
+            json.dumps({key: value})
+        except (TypeError, ValueError) as exc:
+            raise TypeError("session[%r] cannot be stored: session values must be "
+                            "JSON-serialisable (%s)" % (key, exc))
     try:
         session.save()
-    except (TypeError, ValueError) as exc:
-        raise TypeError("session values must be JSON-serialisable: %s" % exc)
     except OSError as exc:
         raise SessionStoreError("cannot save the session: %s" % exc)
     if session.is_new or session.id != first_id or getattr(session, "was_invalidated", False):

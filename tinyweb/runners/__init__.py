@@ -12,10 +12,10 @@ from tinyweb.runners.options import MODES, Options, UsageError, parse_options
 __all__ = ["run", "choose_mode", "Options", "UsageError", "MODES"]
 
 
-def _under_modpython():
+def _under_modpython(environ):
     # mod_python's cgihandler swaps in its own stdout object for the request (apache.py
     # CGIStdout) and sets GATEWAY_INTERFACE to "Python-CGI/1.1" (apache.build_cgi_env).
-    return type(sys.stdout).__name__ == "CGIStdout" or os.environ.get(
+    return type(sys.stdout).__name__ == "CGIStdout" or environ.get(
         "GATEWAY_INTERFACE", ""
     ).startswith("Python-CGI")
 
@@ -52,7 +52,10 @@ def choose_mode(argv, environ, is_main):
     not steer the gateway (see php-cgi CVE-2012-1823).
     """
     env_mode = environ.get("TINYWEB_MODE") or None
-    if _under_modpython():
+    if env_mode is not None and env_mode not in MODES:
+        # Checked here too: under CGI the value never goes through the option parser.
+        raise UsageError("environment: TINYWEB_MODE=%r is not one of %s" % (env_mode, ", ".join(MODES)))
+    if _under_modpython(environ):
         return Options(mode=env_mode or "modpython")
     if _in_cgi_request(environ):
         return Options(mode=env_mode or "cgi")

@@ -100,6 +100,6 @@ def serve(app, options):
     finally:
         sys.stdout = saved
     length = environ.get("CONTENT_LENGTH", "")
-    if length.isdigit() and int(length) > stdin.consumed:
+    if length.isascii() and length.isdigit() and int(length) > stdin.consumed:
         stdin.drain(int(length))
     return 0

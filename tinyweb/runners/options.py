@@ -33,6 +33,8 @@ class Options:
 
 
 _TCP = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^/\[\]:]*)):(?P<port>\d{1,5})$")
+# What was meant as HOST:PORT or [IPV6]:PORT, not as a file name: no "/", and a ":" or "[".
+_LOOKS_TCP = re.compile(r"^(?:\[|[^/]*:)[^/]*$")
 
 
 def parse_address(text):
@@ -46,6 +48,10 @@ def parse_address(text):
     if match is None:
         if not text:
             raise UsageError("--bind needs an address: PATH, unix:PATH, HOST:PORT or :PORT")
+        if _LOOKS_TCP.match(text):
+            # Taken as a path, "localhost:http" or "[::1]" would quietly become a socket file.
+            raise UsageError("--bind %s: write HOST:PORT, [IPV6]:PORT or :PORT with a port number, "
+                             "or unix:%s for a socket file of that name" % (text, text))
         return text
     port = int(match.group("port"))
     if not 0 < port < 65536:
@@ -144,7 +150,9 @@ def parse_options(argv, environ, prog=None):
     args = parser.parse_args(argv)
 
     if args.workers is not None and args.threads is not None:
-        parser.error("--workers and --threads exclude each other: choose one process model")
+        # A UsageError, not parser.error(): either may come from the environment.
+        raise UsageError("--workers and --threads (TINYWEB_WORKERS, TINYWEB_THREADS) exclude each "
+                         "other: choose one process model")
     options = Options(
         mode=args.mode,
         bind=parse_address(args.bind) if args.bind is not None else None,

@@ -1,0 +1,240 @@
+"""The CGI gateway: an app file run as a subprocess with a CGI environment and stdin, as a
+web server runs it (RFC 3875), checked byte for byte on stdout."""
+
+import json
+import os
+
+import pytest
+
+from helpers import CHECKOUT, SECRET, cgi_environ, run_cgi, split_cgi
+
+DEMO = CHECKOUT / "htdocs" / "app.py"
+
+SITE_APP = """
+import os
+import sys
+
+import tinyweb
+
+app = tinyweb.App(__name__)
+
+
+@app.get("/print")
+def printing(request):
+    print("debug output from a handler")
+    sys.stdout.write("more debug output\\n")
+    return "clean"
+
+
+@app.get("/proxy")
+def proxy(request):
+    return {"environ": request.environ.get("HTTP_PROXY"), "os": os.environ.get("HTTP_PROXY")}
+
+
+@app.get("/path/{rest:path}")
+def path(request, rest):
+    return {"rest": rest, "mode": request.environ["tinyweb.mode"]}
+
+
+@app.route("/ignore", methods=["POST"])
+def ignore(request):
+    return "ignored the body"
+
+
+@app.post("/echo")
+def echo(request):
+    return request.body
+
+
+@app.get("/boom")
+def boom(request):
+    raise RuntimeError("boom under cgi")
+
+
+app.run()
+"""
+
+
+@pytest.fixture
+def demo_env(tmp_path):
+    """The environment for the demo app, with its config in tmp_path (not the checkout's)."""
+    ini = tmp_path / "demo.ini"
+    ini.write_text("[tinyweb]\nsecret = %s\ndata_dir = %s\n" % (SECRET, tmp_path / "data"))
+
+    def env(path="/", **extra):
+        return cgi_environ(path, TINYWEB_CONFIG=str(ini), **extra)
+
+    return env
+
+
+@pytest.fixture
+def site(tmp_path):
+    """An app laid out as `tinyweb new` makes it, with tinyweb importable as if installed."""
+    root = tmp_path / "site"
+    (root / "htdocs").mkdir(parents=True)
+    (root / "htdocs" / "app.py").write_text(SITE_APP)
+    (root / "tinyweb.ini").write_text("[tinyweb]\nsecret = %s\nmax_body = 100000\n" % SECRET)
+    return root
+
+
+def site_env(path="/", **extra):
+    return cgi_environ(path, PYTHONPATH=str(CHECKOUT), **extra)
+
+
+def run_site(site, environ, body=b"", **kwargs):
+    # A CGI server runs the script in its own directory; never in the checkout.
+    return run_cgi(site / "htdocs" / "app.py", environ, body, **kwargs)
+
+
+def test_get_exact_bytes(demo_env):
+    out = run_cgi(DEMO, demo_env("/users/7"))
+    assert out.returncode == 0
+    assert out.stdout == (b"Status: 200 OK\r\n"
+                          b"Content-Type: application/json\r\n"
+                          b"Content-Length: 32\r\n"
+                          b"\r\n"
+                          b'{"id":7,"url":"/app.py/users/7"}')
+    assert out.stderr == b""
+
+
+def test_not_found_and_head(demo_env):
+    status, headers, body = split_cgi(run_cgi(DEMO, demo_env("/nowhere")).stdout)
+    assert status == "404 Not Found"
+    status, headers, body = split_cgi(run_cgi(DEMO, demo_env("/users/7", REQUEST_METHOD="HEAD")).stdout)
+    assert status == "200 OK"
+    assert ("Content-Length", "32") in headers
+    assert body == b""
+
+
+def test_post_body_from_stdin(demo_env):
+    body = b"name=Ann+%3Cb%3E"
+    out = run_cgi(DEMO, demo_env("/form", REQUEST_METHOD="POST", CONTENT_LENGTH=str(len(body)),
+                                 CONTENT_TYPE="application/x-www-form-urlencoded"), body)
+    status, headers, page = split_cgi(out.stdout)
+    assert status == "200 OK"
+    assert b'<p id="greeting">Hello, Ann &lt;b&gt;!</p>' in page
+    assert ("Content-Length", str(len(page))) in headers
+
+
+def test_chunked_post_without_content_length_is_read_to_eof(demo_env):
+    # A chunked upload reaches a CGI script with no CONTENT_LENGTH, its body readable to EOF.
+    environ = demo_env("/form", REQUEST_METHOD="POST", CONTENT_TYPE="application/x-www-form-urlencoded")
+    out = run_cgi(DEMO, environ, b"name=Chunky")
+    status, _, page = split_cgi(out.stdout)
+    assert status == "200 OK"
+    assert b'<p id="greeting">Hello, Chunky!</p>' in page
+
+
+def test_chunked_post_over_max_body_is_413(site):
+    out = run_site(site, site_env("/echo", REQUEST_METHOD="POST"), b"x" * 100001)
+    status, _, body = split_cgi(out.stdout)
+    assert status == "413 Request Entity Too Large"
+    assert b"xxxx" not in body
+    out = run_site(site, site_env("/echo", REQUEST_METHOD="POST"), b"x" * 100000)
+    assert split_cgi(out.stdout)[::2] == ("200 OK", b"x" * 100000)
+
+
+def test_redirect_location_is_relative(demo_env):
+    out = run_cgi(DEMO, demo_env("/go", HTTP_HOST="evil.example"))
+    status, headers, _ = split_cgi(out.stdout)
+    assert status == "302 Found"
+    assert ("Location", "/app.py/") in headers
+
+
+def test_argv_is_ignored_under_cgi(demo_env):
+    # Apache passes "/app.py?--mode+dev" as argv; a dev server here would never answer.
+    out = run_cgi(DEMO, demo_env("/about", QUERY_STRING="--mode+dev"), argv=["--mode", "dev"])
+    status, _, body = split_cgi(out.stdout)
+    assert status == "200 OK"
+    about = json.loads(body)
+    assert about["mode"] == "cgi"
+    assert about["loaded"] == {"beaker": False, "flup": False}
+
+
+def test_session_counter_over_cgi(demo_env, tmp_path):
+    out = run_cgi(DEMO, demo_env("/counter"))
+    status, headers, body = split_cgi(out.stdout)
+    assert body == b'{"count":1}'
+    cookie = dict(headers)["Set-Cookie"]
+    assert "Path=/app.py" in cookie and "HttpOnly" in cookie
+    out = run_cgi(DEMO, demo_env("/counter", HTTP_COOKIE=cookie.split(";")[0]))
+    assert split_cgi(out.stdout)[2] == b'{"count":2}'
+    assert oct((tmp_path / "data").stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_print_in_a_handler_goes_to_stderr(site):
+    out = run_site(site, site_env("/print"))
+    assert out.stdout == (b"Status: 200 OK\r\n"
+                          b"Content-Type: text/html; charset=UTF-8\r\n"
+                          b"Content-Length: 5\r\n"
+                          b"\r\n"
+                          b"clean")
+    assert b"debug output from a handler\nmore debug output\n" in out.stderr
+
+
+def test_http_proxy_is_removed(site):
+    out = run_site(site, site_env("/proxy", HTTP_PROXY="http://127.0.0.1:1/"))
+    assert json.loads(split_cgi(out.stdout)[2]) == {"environ": None, "os": None}
+
+
+def test_non_ascii_path(site):
+    # The server hands PATH_INFO over as UTF-8 bytes; the app must see "zoë", not mojibake.
+    out = run_site(site, site_env("/path/zoë/ß.txt"))
+    assert json.loads(split_cgi(out.stdout)[2]) == {"rest": "zoë/ß.txt", "mode": "cgi"}
+
+
+def test_error_is_500_with_traceback_on_stderr(site):
+    out = run_site(site, site_env("/boom", QUERY_STRING="a=1"))
+    status, _, body = split_cgi(out.stdout)
+    assert status == "500 Internal Server Error"
+    assert b"Traceback" not in body and b"boom under cgi" not in body
+    assert b"tinyweb: 500 on GET /app.py/boom?a=1\nTraceback" in out.stderr
+    assert b"RuntimeError: boom under cgi" in out.stderr
+
+
+def _pipe_with(body):
+    """A pipe holding ``body`` and closed for writing, as a web server's stdin to the script."""
+    read_end, write_end = os.pipe()
+    assert len(body) <= 65536, "must fit in the pipe buffer"
+    os.write(write_end, body)
+    os.close(write_end)
+    return read_end
+
+
+def _left_in(read_end):
+    os.set_blocking(read_end, False)
+    try:
+        return os.read(read_end, 1 << 20)
+    except BlockingIOError:
+        return b""
+    finally:
+        os.close(read_end)
+
+
+@pytest.mark.parametrize("path, length, status", [
+    ("/ignore", "60000", "200 OK"),     # the handler never reads the body
+    ("/nowhere", "60000", "404 Not Found"),
+])
+def test_unread_body_is_drained(site, path, length, status):
+    # Under mod_cgid a script that exits with its body unread loses its response.
+    read_end = _pipe_with(b"b" * int(length))
+    out = run_site(site, site_env(path, REQUEST_METHOD="POST", CONTENT_LENGTH=length), stdin=read_end)
+    assert split_cgi(out.stdout)[0] == status
+    assert _left_in(read_end) == b""
+
+
+def test_oversized_body_is_413_and_drained(site):
+    read_end = _pipe_with(b"b" * 60000)
+    (site / "tinyweb.ini").write_text("[tinyweb]\nsecret = %s\nmax_body = 1000\n" % SECRET)
+    out = run_site(site, site_env("/echo", REQUEST_METHOD="POST", CONTENT_LENGTH="60000"), stdin=read_end)
+    assert split_cgi(out.stdout)[0] == "413 Request Entity Too Large"
+    assert _left_in(read_end) == b""
+
+
+def test_body_shorter_than_content_length_does_not_hang(site):
+    # The client hung up: EOF comes before CONTENT_LENGTH bytes; the drain stops at EOF.
+    read_end = _pipe_with(b"b" * 10)
+    out = run_site(site, site_env("/echo", REQUEST_METHOD="POST", CONTENT_LENGTH="5000"), stdin=read_end,
+                   timeout=8)
+    os.close(read_end)
+    assert split_cgi(out.stdout)[0] == "400 Bad Request"
