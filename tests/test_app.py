@@ -1,6 +1,7 @@
 """The App in-process: routing, what handlers return, errors, redirects, hosts and body limits."""
 
 import io
+import re
 import json
 from urllib.parse import urljoin
 from wsgiref.validate import validator
@@ -305,12 +306,13 @@ def test_mode_is_wsgi_under_a_plain_wsgi_server(tmp_path):
 
 
 def test_path_not_utf8_is_400(client):
-    res = client.get("/%ff", status=400)
-    assert res.errors == ""
+    res = client.get("/%ff", status=400, expect_errors=True)
+    assert re.match(r"tinyweb\[[0-9a-f]{12}\]: 400 on GET /%FF: The path is not valid UTF-8\.\n$", res.errors)
 
 
 def test_query_not_utf8_is_400(client):
-    client.get("/go?to=%ff%fe", status=400)
+    res = client.get("/go?to=%ff%fe", status=400, expect_errors=True)
+    assert "400 on GET /go?to=%ff%fe: The query string is malformed or not UTF-8." in res.errors
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -322,7 +324,10 @@ def test_exception_is_500_without_traceback_and_logged_with_request_line(app):
     assert b"Internal Server Error" in res.body
     assert b"Traceback" not in res.body
     assert BOOM.encode() not in res.body
-    assert res.errors.startswith("tinyweb: 500 on GET /app.py/boom?x=1\nTraceback (most recent call last):")
+    assert re.match(r"tinyweb\[([0-9a-f]{12})\]: 500 on GET /app.py/boom\?x=1\nTraceback \(most recent call last\):", res.errors)
+    # The page names the id of the log entry, so a visitor's report can be matched to it.
+    request_id = re.match(r"tinyweb\[([0-9a-f]{12})\]", res.errors).group(1)
+    assert ("error %s" % request_id).encode() in res.body
     assert "RuntimeError: %s" % BOOM in res.errors
 
 
@@ -441,7 +446,9 @@ def test_redirect_never_becomes_protocol_relative(client, to):
 ])
 def test_allowed_hosts(tmp_path, host, status):
     client = Client(make_app(tmp_path, allowed_hosts="example.com, www.example.com"))
-    res = client.get("/", extra_environ={"HTTP_HOST": host}, status=status)
+    res = client.get("/", extra_environ={"HTTP_HOST": host}, status=status, expect_errors=True)
+    if status == 400:
+        assert "400 on GET /: This host name is not served here." in res.errors
     if status == 400:
         assert b"Hello" not in res.body
         assert "X-Injected" not in res.headers
@@ -507,7 +514,7 @@ def test_content_length_over_max_body_is_413_without_reading(tmp_path):
     app = make_app(tmp_path, max_body=100)
     status, _, body, errors = send(app, "/echo", length="101", stream=_Unreadable())
     assert status == "413 Request Entity Too Large"
-    assert errors == ""
+    assert "413 on POST /echo: The request body is larger than this app accepts." in errors
     assert send(app, "/echo", b"x" * 100, length="100")[::2] == ("200 OK", b"x" * 100)
 
 
@@ -533,7 +540,7 @@ def test_unsized_body_over_max_body_is_413(tmp_path):
     status, _, body, errors = send(make_app(tmp_path, max_body=1000), "/echo", b"y" * 1001, terminated=True)
     assert status == "413 Request Entity Too Large"
     assert b"yyyy" not in body
-    assert errors == ""
+    assert "413 on POST" in errors
 
 
 def test_unsized_form_over_max_body_is_413(tmp_path):

@@ -40,6 +40,11 @@ def make_app(data_dir, **settings):
         request.session["user"] = "ann"
         return "welcome"
 
+    @app.get("/logout")
+    def logout(request):
+        request.session.delete()
+        return "bye"
+
     @app.get("/bad-value")
     def bad_value(request):
         request.session["when"] = {1, 2}
@@ -240,7 +245,27 @@ def test_regenerate_id_changes_the_cookie_and_keeps_the_data(client):
     res = client.get("/peek", headers={"Cookie": "%s=%s" % (COOKIE, new)})
     assert res.json == {"n": 1, "user": "ann"}
     # The id an attacker may have planted before the login does not carry the login.
-    assert client.get("/peek", headers={"Cookie": "%s=%s" % (COOKIE, old)}).json["user"] is None
+    assert client.get("/peek", headers={"Cookie": "%s=%s" % (COOKIE, old)}).json == {"n": None, "user": None}
+
+
+def test_regenerate_id_removes_the_old_session_file(client, data_dir):
+    old, _ = cookie_of(client.get("/count"))
+    assert session_file(data_dir, old).exists()
+    new, _ = cookie_of(client.get("/login", headers={"Cookie": "%s=%s" % (COOKIE, old)}))
+    assert not session_file(data_dir, old).exists()
+    assert session_file(data_dir, new).exists()
+
+
+def test_delete_sends_an_expired_cookie_and_forgets_the_data(client):
+    value, _ = cookie_of(client.get("/count"))
+    res = client.get("/logout", headers={"Cookie": "%s=%s" % (COOKIE, value)})
+    _, flags = cookie_of(res)
+    assert flags["expires"].endswith("GMT")
+    from email.utils import parsedate_to_datetime
+    import datetime
+
+    assert parsedate_to_datetime(flags["expires"]) < datetime.datetime.now(datetime.timezone.utc)
+    assert client.get("/peek", headers={"Cookie": "%s=%s" % (COOKIE, value)}).json["n"] is None
 
 
 def test_data_dir_is_created_private(client, data_dir):
@@ -258,7 +283,7 @@ def test_unusable_session_store_is_503(tmp_path):
     client = Client(make_app(tmp_path / "file" / "data"))
     res = client.get("/count", status=503, expect_errors=True)
     assert b"Traceback" not in res.body
-    assert "503: cannot create the session directory" in res.errors
+    assert "503 on GET" in res.errors and ": cannot create the session directory" in res.errors
     assert client.get("/page").body == b"no session here"
 
 

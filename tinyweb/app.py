@@ -132,6 +132,11 @@ class App:
                 response = self._dispatch(request)
             except exc.HTTPException as error:
                 response = error.wsgi_response
+                if response.status_code >= 400 and response.status_code not in (404, 405):
+                    # Bad input is the client's mistake, but the operator should see it (an
+                    # unknown path or method is the access log's business).
+                    detail = getattr(response, "detail", None) or response.status
+                    self._log(environ, "%s on %s: %s" % (response.status_code, _request_line(environ), detail))
             session = environ.get("tinyweb.session")
             if session is not None:
                 from tinyweb.sessions import save_session
@@ -140,7 +145,7 @@ class App:
             responses.check_headers(response.headerlist)
             return response
         except SessionStoreError as error:
-            self._log(environ, "503: %s" % error)
+            self._log(environ, "503 on %s: %s" % (_request_line(environ), error))
             return exc.HTTPServiceUnavailable("The session store is unavailable; try again later.")
         except Exception as error:
             text = traceback.format_exc()
@@ -151,7 +156,7 @@ class App:
                     debug = self.config.debug
                 except ConfigError:
                     pass
-            return responses.error_page(text if debug else None)
+            return responses.error_page(text if debug else None, _request_id(environ))
 
     def _dispatch(self, request):
         from webob import exc
@@ -173,21 +178,34 @@ class App:
     @staticmethod
     def _log(environ, text):
         stream = environ.get("wsgi.errors") or sys.stderr
-        stream.write("tinyweb: %s\n" % text)
+        stream.write("tinyweb[%s]: %s\n" % (_request_id(environ), text))
         try:
             stream.flush()
         except (AttributeError, OSError):
             pass
 
 
+def _request_id(environ):
+    """Return the id that ties this request's log lines to the error page the client saw."""
+    rid = environ.get("tinyweb.request_id")
+    if rid is None:
+        import binascii
+        import os
+
+        rid = environ["tinyweb.request_id"] = binascii.hexlify(os.urandom(6)).decode()
+    return rid
+
+
 def _request_line(environ):
-    query = environ.get("QUERY_STRING")
-    return "%s %s%s%s" % (
-        environ.get("REQUEST_METHOD", "?"),
-        environ.get("SCRIPT_NAME", ""),
-        environ.get("PATH_INFO", ""),
-        "?" + query if query else "",
-    )
+    """Return "METHOD /path?query" for a log line, the path quoted as it came on the wire."""
+    from urllib.parse import quote
+
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    # Quoted, so a CR, LF or escape sequence in a path cannot forge a line in the log.
+    path = quote(path.encode("latin-1", "replace"), safe="/:@!$&'()*+,;=~")
+    query = quote(environ.get("QUERY_STRING", ""), safe="/:@!$&'()*+,;=~%?")
+    method = quote(environ.get("REQUEST_METHOD", "?"), safe="")
+    return "%s %s%s" % (method, path, "?" + query if query else "")
 
 
 def _own_origin(environ):

@@ -87,8 +87,18 @@ def load_config(app_file, overrides=None, environ=None, warn=None):
     environ = os.environ if environ is None else environ
     warn = warn or (lambda text: sys.stderr.write("tinyweb: %s\n" % text))
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    root = app_root(app_file) if app_file else Path(os.getcwd())
-    path = Path(environ["TINYWEB_CONFIG"]) if environ.get("TINYWEB_CONFIG") else root / "tinyweb.ini"
+    if app_file:
+        root = app_root(app_file)
+    else:
+        # No file to start from (an app made in an interactive session): a root is needed
+        # for data_dir, but no tinyweb.ini is looked for in the working directory.
+        root = Path(os.getcwd())
+    if environ.get("TINYWEB_CONFIG"):
+        path = Path(environ["TINYWEB_CONFIG"])
+    elif app_file:
+        path = root / "tinyweb.ini"
+    else:
+        path = Path("<no app file: set TINYWEB_CONFIG>")
 
     config = Config(root=root, path=None, data_dir=root / "data")
     parser = configparser.ConfigParser(interpolation=None)
@@ -120,6 +130,8 @@ def load_config(app_file, overrides=None, environ=None, warn=None):
     for key, value in overrides.items():
         if key == "data_dir":
             value = root / value
+        elif key == "debug" and isinstance(value, str):
+            value = _bool(value, key, "App(...)")
         elif key == "max_body":
             value = _size(value, key, "App(...)")
         elif key == "allowed_hosts":

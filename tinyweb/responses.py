@@ -133,14 +133,15 @@ def check_headers(headerlist):
 _ERROR = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>500 Internal Server Error</title></head>
 <body><h1>Internal Server Error</h1>
-<p>The server could not complete your request. The error has been logged.</p>
+<p>The server could not complete your request. The error has been logged%s.</p>
 %s</body></html>
 """
 
 
-def error_page(traceback_text=None):
+def error_page(traceback_text=None, request_id=None):
     """Return a 500 response; the traceback is shown only when given (debug on)."""
     detail = "<pre>%s</pre>\n" % html.escape(traceback_text) if traceback_text else ""
+    ref = " as error %s" % html.escape(request_id) if request_id else ""
     response = webob.Response(status=500, content_type=_HTML, charset="utf-8")
-    response.body = (_ERROR % detail).encode("utf-8")
+    response.body = (_ERROR % (ref, detail)).encode("utf-8")
     return response

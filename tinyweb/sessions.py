@@ -109,13 +109,13 @@ def open_session(request, config):
         session = Session(beaker_request, **options)
     except OSError as exc:
         raise SessionStoreError("cannot read the session store: %s" % exc)
-    session._tinyweb = (beaker_request, session.id, _snapshot(session))
+    session._tinyweb = (beaker_request, session.id, _snapshot(session), beaker_request.get("cookie_out"))
     return session
 
 
 def save_session(session, response):
-    """Persist ``session`` if the handler changed it, and send its cookie when it is new."""
-    beaker_request, first_id, first = session._tinyweb
+    """Persist ``session`` if the handler changed it, and send its cookie when that changed."""
+    beaker_request, first_id, first, first_cookie = session._tinyweb
     if session.id == first_id and _snapshot(session) == first:
         return
     # Checked before save(): Beaker opens the store file for replacing before it serialises,
@@ -126,9 +126,21 @@ def save_session(session, response):
         except (TypeError, ValueError) as exc:
             raise TypeError("session[%r] cannot be stored: session values must be "
                             "JSON-serialisable (%s)" % (key, exc))
+    old = getattr(session, "namespace", None)
     try:
+        if session.id != first_id and old is not None and old.namespace == first_id:
+            # regenerate_id() keeps the data under a new id, and Beaker leaves the old file
+            # behind: whoever planted or stole the old id must not keep a copy.
+            old.acquire_write_lock()
+            try:
+                old.remove()
+            finally:
+                old.release_write_lock()
         session.save()
     except OSError as exc:
         raise SessionStoreError("cannot save the session: %s" % exc)
-    if session.is_new or session.id != first_id or getattr(session, "was_invalidated", False):
-        response.headers.add("Set-Cookie", beaker_request["cookie_out"].strip())
+    # A new session, regenerate_id(), invalidate() and delete() (an expired cookie, so the
+    # browser forgets it) each leave Beaker a new cookie to send.
+    cookie = beaker_request.get("cookie_out")
+    if cookie and (session.is_new or cookie != first_cookie):
+        response.headers.add("Set-Cookie", cookie.strip())
