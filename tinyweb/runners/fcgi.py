@@ -1,0 +1,575 @@
+"""Serve a WSGI app over FastCGI: flup speaks the protocol, this module owns the socket.
+
+flup 1.0.3 decodes and encodes records (``fcgi_base.Connection``/``Request``) and turns a
+request into a WSGI call (``BaseFCGIServer.handler``). What it gets wrong is replaced, each
+piece with a comment naming the flup bug it avoids: binding the socket (it unlinks whatever
+sits at the path and leaves the file behind), reading records (no timeout, no bounds checks),
+closing a connection (waits for the peer forever), and the processes (``prefork.py``).
+Nothing imports flup until ``serve`` runs: a CGI request never pays for it.
+"""
+
+import errno
+import grp
+import os
+import select
+import socket
+import stat
+import struct
+import sys
+import time
+import traceback
+
+from tinyweb.runners.prefork import DropConnection, IdleConnection, Supervisor, Worker, log
+
+__all__ = ["serve", "BindError", "READ_TIMEOUT"]
+
+# Seconds a web server may leave a connection silent (idle between requests, or stalled in
+# the middle of a record) before it is closed, so a slow peer cannot hold a worker forever.
+READ_TIMEOUT = 30.0
+# Seconds a write may block on a web server that stopped reading (nginx with buffering off).
+WRITE_TIMEOUT = 300.0
+# Seconds to wait for the web server to close its end after the last record (see _close).
+LINGER_TIMEOUT = 2.0
+# Bytes of FCGI_PARAMS accepted for one request; web servers send a few KiB.
+MAX_PARAMS = 1 << 20
+# notes/performance.md: prefork with 2 single-threaded workers was fastest on 2 cores.
+DEFAULT_WORKERS = 2
+
+# Set by a server that re-executes itself on SIGHUP: "pid:fd:pid,pid" (see _reexec).
+_INHERIT_ENV = "TINYWEB_FCGI_INHERIT"
+
+
+class BindError(Exception):
+    """The listening socket cannot be set up; the message says what to do."""
+
+
+def serve(app, options):
+    """Serve ``app`` over FastCGI as ``options`` say; return the exit status."""
+    if options.umask is not None:
+        os.umask(options.umask)
+    if options.bind is None:
+        return _serve_stdin(app, options)
+    try:
+        listener, retiring = _listen(options)
+    except BindError as exc:
+        sys.stderr.write("tinyweb: %s\n" % exc)
+        return 1
+    threads = options.threads or 1
+    workers = 1 if options.threads else (options.workers or DEFAULT_WORKERS)
+    server, connection_class = _make_server(app, options.bind, threads, multiprocess=workers > 1)
+
+    def worker_main(parent_pid):
+        return Worker(server, listener.sock, connection_class, threads, options.max_requests,
+                      parent_pid).run()
+
+    supervisor = Supervisor(
+        worker_main, workers, reexec=lambda pids: _reexec(listener, pids), retiring=retiring
+    )
+    try:
+        return supervisor.run()
+    finally:
+        listener.close()
+
+
+def _serve_stdin(app, options):
+    """Serve on the listening socket a FastCGI process manager left on fd 0 (mod_fcgid)."""
+    sock = None
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    except OSError:
+        listening = False
+    if not listening:
+        if sock is not None:
+            sock.close()
+        sys.stderr.write(
+            "tinyweb: --mode fcgi without --bind serves the listening socket a FastCGI server "
+            "puts on stdin (mod_fcgid, spawn-fcgi), and stdin is not one; give --bind PATH "
+            "or --bind :PORT to start a server yourself\n"
+        )
+        return 2
+    if options.workers:
+        log("--workers is ignored on the socket on stdin: the web server starts the processes")
+    sock.setblocking(False)
+    # mod_fcgid sends one request at a time to a process and starts more processes itself.
+    threads = options.threads or 1
+    server, connection_class = _make_server(app, None, threads, multiprocess=True)
+    try:
+        return Worker(server, sock, connection_class, threads, options.max_requests).run()
+    finally:
+        sock.close()
+
+
+# --- the listening socket ------------------------------------------------------------------
+
+
+class Listener:
+    """A listening socket, and the unix socket file to remove when the server that made it exits."""
+
+    def __init__(self, sock, path=None):
+        self.sock = sock
+        self.path = path
+        self._identity = _identity(path) if path is not None else None
+        self._pid = os.getpid()
+
+    def close(self):
+        """Close the socket; remove the file if it is still ours and this is our process."""
+        self.sock.close()
+        # flup 1.0.3 leaves the socket file behind (fcgi_base.py:1070), and its prefork children
+        # unwind through the caller's stack: only the process that bound the path removes it,
+        # and only while the path is still the socket it bound.
+        if self.path is None or os.getpid() != self._pid:
+            return
+        if self._identity is not None and _identity(self.path) == self._identity:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def _identity(path):
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def _listen(options):
+    """Return (Listener, pids of retiring workers): the socket inherited across a reload, or a new one."""
+    inherited = _inherited(options)
+    if inherited is not None:
+        return inherited
+    if isinstance(options.bind, str):
+        listener = _bind_unix(options.bind, options)
+    else:
+        if options.socket_mode is not None or options.socket_group:
+            log("--socket-mode and --socket-group apply to a unix socket; ignored for TCP")
+        listener = Listener(_bind_tcp(options.bind))
+    listener.sock.setblocking(False)
+    return listener, []
+
+
+def _inherited(options):
+    value = os.environ.pop(_INHERIT_ENV, "")
+    try:
+        pid, fd, pids = value.split(":")
+        pid, fd = int(pid), int(fd)
+        retiring = [int(p) for p in pids.split(",") if p]
+    except ValueError:
+        return None
+    # The pid check makes the variable worthless to any other process that inherits it.
+    if pid != os.getpid():
+        return None
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
+        sock.detach()
+        return None
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    path = options.bind if isinstance(options.bind, str) else None
+    return Listener(sock, path), retiring
+
+
+def _bind_unix(path, options):
+    gid = _group_id(options.socket_group) if options.socket_group else None
+    _clear_unix_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise BindError(_bind_failure("socket %s" % path, exc, path)) from None
+    try:
+        if gid is not None:
+            os.chown(path, -1, gid)
+        mode = options.socket_mode
+        if mode is None and gid is not None:
+            mode = 0o660  # PHP-FPM's listen.mode default: the group only helps if it may write
+        if mode is not None:
+            os.chmod(path, mode)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        os.unlink(path)
+        raise BindError("cannot set up socket %s: %s" % (path, exc.strerror or exc)) from None
+    return Listener(sock, path)
+
+
+def _clear_unix_path(path):
+    """Remove a stale socket file at ``path``; refuse a live socket or anything that is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BindError("cannot use socket %s: %s" % (path, exc.strerror)) from None
+    # flup 1.0.3 unlinks whatever is there (fcgi_base.py:1048): a running server's socket, or a file.
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BindError(
+            "%s exists and is not a socket; remove it or choose another --bind" % path
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        pass  # no one listens: a stale file left by a server that died
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        raise BindError(
+            "socket %s exists and this user may not connect to it, so it may belong to a "
+            "running server; stop that server or remove the file, or choose another --bind" % path
+        ) from None
+    except OSError:  # a full backlog (EAGAIN) or a timeout: someone is listening
+        raise BindError(_held_message(path, None)) from None
+    else:
+        raise BindError(_held_message(path, _peer_pid(probe)))
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise BindError("cannot remove stale socket %s: %s" % (path, exc.strerror)) from None
+
+
+def _held_message(path, pid):
+    who = "a running server (pid %d)" % pid if pid else "a running server"
+    return "socket %s is held by %s; stop it or choose another --bind" % (path, who)
+
+
+def _peer_pid(sock):
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _group_id(group):
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise BindError("unknown group %r (--socket-group); name an existing group" % group) from None
+
+
+def _bind_tcp(address):
+    family = socket.AF_INET6 if len(address) == 4 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    shown = "[%s]:%d" % address[:2] if family == socket.AF_INET6 else "%s:%d" % address
+    try:
+        sock.bind(address)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise BindError(_bind_failure("address " + shown, exc, None)) from None
+    return sock
+
+
+def _bind_failure(what, exc, path):
+    if exc.errno == errno.EADDRINUSE:
+        return "%s is in use by another server; stop it or choose another --bind" % what
+    if path is not None and exc.errno == errno.ENOENT:
+        return "cannot create %s: directory %s does not exist" % (
+            what, os.path.dirname(os.path.abspath(path)))
+    if path is not None and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "cannot create %s: directory %s is not writable by this user" % (
+            what, os.path.dirname(os.path.abspath(path)))
+    return "cannot listen on %s: %s" % (what, exc.strerror or exc)
+
+
+def _reexec(listener, retiring):
+    """Run this program again in this process, keeping the listening socket (SIGHUP reload)."""
+    fd = listener.sock.fileno()
+    os.set_inheritable(fd, True)
+    os.environ[_INHERIT_ENV] = "%d:%d:%s" % (os.getpid(), fd, ",".join(map(str, retiring)))
+    # sys.orig_argv (3.10+) keeps interpreter flags such as -X or -m.
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        os.execv(sys.executable, argv)
+    except OSError as exc:
+        del os.environ[_INHERIT_ENV]
+        os.set_inheritable(fd, False)
+        log("cannot re-execute %s (%s); restarting the workers without reloading" % (argv, exc))
+
+
+# --- the protocol: flup's classes, with the reads, writes and closes it gets wrong ----------
+
+
+def run_after_response(environ):
+    """Run the callables the app left in ``environ["tinyweb.after_response"]``; log failures."""
+    tasks = environ.get("tinyweb.after_response") or []
+    for task in list(tasks):
+        try:
+            task()
+        except (Exception, SystemExit):
+            log("after-response task %r failed:\n%s" % (task, traceback.format_exc()))
+
+
+def _decode_pairs(data):
+    """Decode FastCGI name-value pairs; raise DropConnection on a length that overruns the data."""
+    pairs, pos, end = [], 0, len(data)
+    while pos < end:
+        lengths = []
+        for _ in range(2):
+            if pos >= end:
+                raise DropConnection("truncated name-value pair in FCGI_PARAMS")
+            if data[pos] & 0x80:
+                if pos + 4 > end:
+                    raise DropConnection("truncated name-value pair length in FCGI_PARAMS")
+                lengths.append(struct.unpack_from("!L", data, pos)[0] & 0x7FFFFFFF)
+                pos += 4
+            else:
+                lengths.append(data[pos])
+                pos += 1
+        name_len, value_len = lengths
+        if pos + name_len + value_len > end:
+            raise DropConnection("name-value pair overruns FCGI_PARAMS (%d bytes claimed)" % (name_len + value_len))
+        pairs.append((bytes(data[pos:pos + name_len]), bytes(data[pos + name_len:pos + name_len + value_len])))
+        pos += name_len + value_len
+    return pairs
+
+
+def _make_server(app, bind, threads, multiprocess):
+    """Return the flup server that turns requests into WSGI calls, and the connection class."""
+    server_class, connection_class = _flup_classes()
+    # bindAddress only decides here whether wsgi.errors also goes to our stderr (when bound).
+    server = server_class(app, multithreaded=threads > 1, multiprocess=multiprocess,
+                          bindAddress=bind)
+    return server, connection_class
+
+
+_classes = []
+
+
+def _flup_classes():
+    """Return (server, connection) classes built on flup, importing it on first use."""
+    # Built in a function because subclassing at module level would import flup, and a CGI
+    # request (which imports this package) must not pay for it (notes/performance.md: 14 ms).
+    if not _classes:
+        _classes.extend(_build_classes())
+    return _classes
+
+
+def _build_classes():
+    from flup.server import fcgi_base as fb
+
+    class GatewayRequest(fb.Request):
+        """A flup Request that runs the app's after-response tasks once END_REQUEST is out."""
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.params_buffer = bytearray()
+
+        def run(self):
+            # flup's run() ends with Connection.end_request (FCGI_END_REQUEST, and the socket
+            # closed unless FCGI_KEEP_CONN): the web server has the whole response by now. Never
+            # in the body's close(): flup calls that before END_REQUEST (handler, line 1184).
+            try:
+                super().run()
+            finally:
+                self._conn.worker.request_done()
+                run_after_response(self.params)
+
+    class GatewayServer(fb.BaseFCGIServer):
+        request_class = GatewayRequest
+
+        def handler(self, req):
+            req.params["tinyweb.mode"] = "fcgi"
+            req.params["tinyweb.after_response"] = []
+            return super().handler(req)
+
+    return GatewayServer, _build_connection_class(fb)
+
+
+def _build_connection_class(fb):
+    class GatewayConnection(fb.Connection):
+        """flup's Connection with bounded, checked reads and a bounded close."""
+
+        def __init__(self, sock, addr, server, worker):
+            super().__init__(sock, addr, server, None)
+            self.worker = worker
+            self._buffer = bytearray()
+            self._held = []
+            self._write_error = None
+            self._closed = False
+            self._seen_request = False
+
+        def run(self):
+            # flup's run() swallows EOFError and lets everything else kill the caller (prefork
+            # child) or vanish (thread pool, threadpool.py:81); here the Worker logs it.
+            self._keepGoing = True
+            while self._keepGoing:
+                self.process_input()
+
+        def process_input(self):
+            # flup reads with select(..., 1.0) forever and unpacks whatever comes (struct.error
+            # on a short FCGI_BEGIN_REQUEST, 1799 bytes awaited for "GET / HTTP/1.0").
+            header = self._take(fb.FCGI_HEADER_LEN, at_boundary=True)
+            version, rtype, request_id, length, padding = struct.unpack(fb.FCGI_Header, header)
+            if version != fb.FCGI_VERSION_1:
+                hint = " (an HTTP request sent to the FastCGI socket?)" if header[:1].isalpha() else ""
+                raise DropConnection("record version %d, expected 1%s" % (version, hint))
+            content = self._take(length + padding)[:length]
+            if rtype == fb.FCGI_BEGIN_REQUEST and length != 8:
+                raise DropConnection("FCGI_BEGIN_REQUEST body of %d bytes, expected 8" % length)
+            rec = fb.Record(rtype, request_id)
+            rec.contentLength, rec.contentData = length, content
+            if rtype == fb.FCGI_BEGIN_REQUEST:
+                self._seen_request = True
+            method = self._methods.get(rtype)
+            if method is not None:
+                getattr(self, method)(rec)
+            elif request_id == fb.FCGI_NULL_REQUEST_ID:
+                self._do_unknown_type(rec)
+
+        _methods = {
+            fb.FCGI_GET_VALUES: "_do_get_values",
+            fb.FCGI_BEGIN_REQUEST: "_do_begin_request",
+            fb.FCGI_ABORT_REQUEST: "_do_abort_request",
+            fb.FCGI_PARAMS: "_do_params",
+            fb.FCGI_STDIN: "_do_stdin",
+            fb.FCGI_DATA: "_do_data",
+        }
+
+        def _take(self, size, at_boundary=False):
+            while len(self._buffer) < size:
+                idle = at_boundary and not self._buffer and not self._requests
+                data = self._receive(idle)
+                if not data:
+                    if idle or (at_boundary and not self._buffer):
+                        raise EOFError
+                    raise DropConnection("the web server closed the connection in the middle of a record")
+                self._buffer += data
+            chunk = bytes(self._buffer[:size])
+            del self._buffer[:size]
+            return chunk
+
+        def _receive(self, idle):
+            if idle:
+                self._wait_for_request()
+            self._sock.settimeout(READ_TIMEOUT)
+            try:
+                return self._sock.recv(65536)
+            except socket.timeout:
+                raise DropConnection("no data from the web server for %g s" % READ_TIMEOUT) from None
+
+        def _wait_for_request(self):
+            """Wait for the next request's first bytes; give up when the worker stops."""
+            poller = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN)
+            if self.worker.stopping and not poller.poll(0):
+                raise IdleConnection
+            poller.register(self.worker.stop_fd, select.POLLIN)
+            for fd, _ in poller.poll(READ_TIMEOUT * 1000):
+                if fd == self._sock.fileno():
+                    return
+            if self.worker.stopping or self._seen_request:
+                raise IdleConnection  # stopping, or a kept-alive connection expiring: both normal
+            raise DropConnection("no request within %g s" % READ_TIMEOUT)
+
+        def _do_params(self, inrec):
+            # flup decodes each record on its own, without bounds checks (a pair split across
+            # records, or a bogus length, silently truncates params): collect, then decode.
+            req = self._requests.get(inrec.requestId)
+            if req is None:
+                return
+            if inrec.contentLength:
+                req.params_buffer += inrec.contentData
+                if len(req.params_buffer) > MAX_PARAMS:
+                    raise DropConnection("FCGI_PARAMS over %d bytes" % MAX_PARAMS)
+                return
+            for name, value in _decode_pairs(req.params_buffer):
+                req.params[name.decode("latin-1")] = value.decode("latin-1")
+            req.params_buffer = bytearray()
+            self._start_request(req)
+
+        def _do_get_values(self, inrec):
+            # flup looks bytes names up in a str-keyed dict and answers nothing (fcgi_base.py:756).
+            n = self.worker.threads
+            known = {b"FCGI_MAX_CONNS": n, b"FCGI_MAX_REQS": n, b"FCGI_MPXS_CONNS": 0}
+            rec = fb.Record(fb.FCGI_GET_VALUES_RESULT)
+            for name, _ in _decode_pairs(inrec.contentData):
+                if name in known:
+                    rec.contentData += fb.encode_pair(name, str(known[name]).encode("ascii"))
+            rec.contentLength = len(rec.contentData)
+            self.writeRecord(rec)
+
+        def writeRecord(self, rec):
+            # One send per record (flup sends header, content and padding apart); the empty
+            # records that end STDOUT/STDERR travel with FCGI_END_REQUEST, which follows them.
+            if self._write_error is not None:
+                raise self._write_error
+            data = rec.contentData
+            padding = -len(data) & 7
+            out = struct.pack(fb.FCGI_Header, 1, rec.type, rec.requestId, len(data), padding)
+            out += data + bytes(padding)
+            if not data and rec.type in (fb.FCGI_STDOUT, fb.FCGI_STDERR):
+                self._held.append(out)
+                return
+            if self._held:
+                out = b"".join(self._held) + out
+                self._held = []
+            try:
+                self._sock.settimeout(WRITE_TIMEOUT)
+                self._sock.sendall(out)
+            except socket.timeout:
+                # Not an OSError any more: flup's handler would retry writing an error page.
+                self._write_error = DropConnection(
+                    "the web server read nothing for %g s" % WRITE_TIMEOUT)
+                raise self._write_error from None
+            except OSError as exc:
+                self._write_error = exc  # a dead peer fails every later write at once
+                raise
+
+        def _cleanupSocket(self):
+            # Called by flup's end_request when the web server did not ask to keep the connection.
+            self.close()
+
+        def close(self, linger=True):
+            """Close after the last record: FIN, then read until the web server closes, bounded."""
+            # flup waits in select(..., None) for that close (fcgi_base.py:650): a peer that never
+            # closes holds a single-threaded worker forever. Reading before close() avoids a
+            # reset that could destroy the response in the peer's receive queue; with no
+            # response in flight (an idle kept-alive connection) there is nothing to protect.
+            if self._closed:
+                return
+            self._closed = True
+            self._keepGoing = False
+            if not linger:
+                self._sock.close()
+                return
+            deadline = time.monotonic() + LINGER_TIMEOUT
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+                while True:
+                    self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    if not self._sock.recv(65536):
+                        break
+            except OSError:
+                pass
+            finally:
+                self._sock.close()
+
+        def abort(self):
+            """Close at once (a malformed or dead connection)."""
+            self._closed = True
+            self._keepGoing = False
+            self._sock.close()
+
+    return GatewayConnection
+
