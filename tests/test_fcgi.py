@@ -633,7 +633,7 @@ def test_after_response_tasks_run_after_end_request(start, sock_path, tmp_path, 
     assert time.monotonic() - began >= 1.0
     wait_until(lambda: "done" in marker.read_text(), 2, "the file to be written")
     # The failing task was logged with its traceback, and did not stop the next one.
-    assert "after-response task" in server.stderr
+    assert "deferred task __main__.app.<locals>.failing failed" in server.stderr
     assert "ValueError: task failed on purpose" in server.stderr
 
 

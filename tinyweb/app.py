@@ -117,7 +117,14 @@ class App:
             ]
             return start_response(status, headers, exc_info)
 
-        return response(environ, checked_start_response)
+        body = response(environ, checked_start_response)
+        tasks = environ.get("tinyweb.deferred_at_close")
+        if tasks:
+            # No gateway of ours owns the moment after the response: the server's close().
+            from tinyweb.deferred import AtClose
+
+            return AtClose(body, tasks, environ.get("wsgi.errors"))
+        return body
 
     def _respond(self, request):
         from webob import exc
@@ -142,6 +149,9 @@ class App:
                 from tinyweb.sessions import save_session
 
                 save_session(session, response)
+            from tinyweb.representation import finish
+
+            response = finish(request, response)
             responses.check_headers(response.headerlist)
             return response
         except SessionStoreError as error:

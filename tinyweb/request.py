@@ -51,6 +51,16 @@ class Request(webob.Request):
             session = self.environ["tinyweb.session"] = open_session(self, self.app.config)
         return session
 
+    def defer(self, func, *args, **kwargs):
+        """Run ``func(*args, **kwargs)`` after the whole response has reached the client.
+
+        The task must not touch the request or its session. Raises TooManyTasks past the
+        per-process bound of pending tasks; a task that raises is logged with its traceback.
+        """
+        from tinyweb.deferred import defer
+
+        defer(self.environ, func, args, kwargs)
+
     def url_for(self, name, **params):
         """Return the path of the route ``name``, below the script's own path (SCRIPT_NAME)."""
         script = self.environ.get("SCRIPT_NAME", "")

@@ -107,6 +107,8 @@ def to_response(request, handler, value):
             response.content_type = _HTML
             response.charset = "utf-8"
         response.app_iter = _Chunks(value, handler)
+        # nginx buffers FastCGI responses unless told per response (notes/servers.md §7).
+        response.headers["X-Accel-Buffering"] = "no"
         return response
     raise TypeError(
         "handler %s returned %r: return str, bytes, dict, list, a webob.Response, "

@@ -2,9 +2,12 @@
 
 import os
 import select
+import stat
 import sys
 import time
 from wsgiref.handlers import BaseCGIHandler, read_environ
+
+from tinyweb.deferred import MAX_PENDING, run_tasks
 
 __all__ = ["serve", "CGIGateway"]
 
@@ -88,9 +91,66 @@ def cgi_environ(mode):
     return environ
 
 
+def _stderr_is_a_file():
+    # mod_cgid (and mod_fcgid) make fd 2 the error log file itself; mod_cgi makes it a pipe
+    # that Apache reads to EOF, so a child keeping it would hold the response open
+    # (notes/servers.md §2, "Background child holding stdout").
+    try:
+        return stat.S_ISREG(os.fstat(2).st_mode)
+    except OSError:
+        return False
+
+
+def _task_log(app):
+    """Return an fd for a detached task's stderr: the error log if we have it, else a file."""
+    if _stderr_is_a_file():
+        return os.dup(2)
+    try:
+        data_dir = str(app.config.data_dir)
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        return os.open(os.path.join(data_dir, "deferred.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except Exception:  # no usable data dir: the task still runs, its failures go nowhere
+        return os.open(os.devnull, os.O_WRONLY)
+
+
+def run_detached(tasks, app):
+    """Run ``tasks`` in a grandchild that holds none of the web server's pipes; return at once.
+
+    The web server reads the response until every holder of our stdout (and, under mod_cgi,
+    stderr) has closed it: a child that merely inherits them keeps the browser waiting
+    until the task ends. So: flush, fork, setsid, fork again, and in the grandchild point
+    fds 0, 1 and 2 at /dev/null or a log (dup2, which closes the inherited ones; closing
+    sys.stdout alone would leave fd 1 open).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log_fd = _task_log(app)
+    pid = os.fork()
+    if pid:
+        os.close(log_fd)
+        os.waitpid(pid, 0)  # the middle child exits at once
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(log_fd, 2)
+        os.close(null)
+        os.close(log_fd)
+        sys.stdout = sys.stderr
+        run_tasks(tasks)
+    finally:
+        os._exit(0)  # never unwind into the caller's code: this is not the request process
+
+
 def serve(app, options):
     """Answer the one request this process was started for; return 0."""
     environ = cgi_environ("cgi")
+    tasks = environ["tinyweb.after_response"] = []
+    environ["tinyweb.defer_room"] = MAX_PENDING
     stdin = _CountingInput(sys.stdin.buffer)
     stdout = sys.stdout.buffer
     # stdout is the response: a handler's print() goes to stderr (the error log) instead.

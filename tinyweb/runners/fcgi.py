@@ -310,16 +310,6 @@ def _reexec(listener, retiring):
 # --- the protocol: flup's classes, with the reads, writes and closes it gets wrong ----------
 
 
-def run_after_response(environ):
-    """Run the callables the app left in ``environ["tinyweb.after_response"]``; log failures."""
-    tasks = environ.get("tinyweb.after_response") or []
-    for task in list(tasks):
-        try:
-            task()
-        except (Exception, SystemExit):
-            log("after-response task %r failed:\n%s" % (task, traceback.format_exc()))
-
-
 def _decode_pairs(data):
     """Decode FastCGI name-value pairs; raise DropConnection on a length that overruns the data."""
     pairs, pos, end = [], 0, len(data)
@@ -382,8 +372,10 @@ def _build_classes():
             try:
                 super().run()
             finally:
-                self._conn.worker.request_done()
-                run_after_response(self.params)
+                worker = self._conn.worker
+                worker.request_done()
+                # On the worker's pool, so a slow task never holds its next request.
+                worker.tasks.submit(self.params.get("tinyweb.after_response"))
 
     class GatewayServer(fb.BaseFCGIServer):
         request_class = GatewayRequest
@@ -391,6 +383,7 @@ def _build_classes():
         def handler(self, req):
             req.params["tinyweb.mode"] = "fcgi"
             req.params["tinyweb.after_response"] = []
+            req.params["tinyweb.defer_room"] = req._conn.worker.tasks.room()
             return super().handler(req)
 
     return GatewayServer, _build_connection_class(fb)

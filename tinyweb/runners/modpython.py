@@ -12,6 +12,8 @@ import os
 import sys
 from wsgiref.handlers import BaseHandler
 
+from tinyweb.deferred import MAX_PENDING, pending_threads, start_thread
+
 __all__ = ["serve", "ModPythonGateway"]
 
 
@@ -134,11 +136,22 @@ def serve(app, options):
                          "(PythonHandler mod_python.cgihandler)\n")
         return 2
     _refresh_cgi_module()
-    gateway = ModPythonGateway(req, modpython_environ(), _threaded())
+    environ = modpython_environ()
+    # A thread, not os.fork(): a forked copy of an Apache child would go on running Python
+    # inside Apache's process image, with its locks and listeners. A thread outlives
+    # cgihandler's module purge (it holds its own references) and ends with the process;
+    # the bound counts live task threads, since module state is purged every request.
+    tasks = environ["tinyweb.after_response"] = []
+    environ["tinyweb.defer_room"] = max(0, MAX_PENDING - pending_threads())
+    gateway = ModPythonGateway(req, environ, _threaded())
     # sys.stdout is cgihandler's header parser: a handler's print() goes to the error log.
     saved, sys.stdout = sys.stdout, sys.stderr
     try:
         gateway.run(app)
     finally:
         sys.stdout = saved
+    if tasks:
+        # Apache has the whole response once the handler returns; the thread may start now,
+        # as the task must not touch the request anyway.
+        start_thread(tasks, sys.stderr)
     return 0

@@ -16,6 +16,8 @@ import threading
 import time
 import traceback
 
+from tinyweb.deferred import TaskPool
+
 __all__ = ["Supervisor", "Worker", "DropConnection", "IdleConnection", "log"]
 
 # Seconds a stopping worker may take to finish its requests before it is killed.
@@ -59,6 +61,7 @@ class Worker:
         self.served = 0
         self.stopping = False
         self.failed = False
+        self.tasks = TaskPool()
         self._lock = threading.Lock()
         # Readable once stop() ran, so every poller wakes at once.
         self.stop_fd, self._stop_w = os.pipe()
@@ -80,6 +83,15 @@ class Worker:
 
     def run(self):
         """Serve until SIGTERM, SIGINT, SIGHUP or --max-requests; return the exit status."""
+        try:
+            return self._run()
+        finally:
+            # Deferred tasks of requests already answered get the same grace as requests.
+            left = self.tasks.drain(SHUTDOWN_GRACE)
+            if left:
+                log("stopping with %d deferred task(s) unfinished" % left)
+
+    def _run(self):
         for signum in _STOP_SIGNALS:
             signal.signal(signum, self.stop)
         # Blocked by the supervisor across fork (Supervisor._fork): a stop signal sent since
