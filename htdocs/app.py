@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """The tinyweb demo site: a page, a form, a session counter, a file upload and a PNG."""
+import datetime
 import hashlib
 import html
 import os
+import re
 import sys
+import time
 
 # From a checkout, tinyweb sits one folder up; an installed tinyweb is found the usual way.
 # (Checked before inserting: mod_python runs this file again on every request.)
@@ -36,6 +39,10 @@ def index(request):
         ("counter", request.url_for("counter"), "a session counter"),
         ("upload", request.url_for("upload"), "a file upload"),
         ("logo", request.url_for("logo"), "a PNG"),
+        ("wait", request.url_for("wait"), 'a "please wait" page, streamed'),
+        ("report", request.url_for("report"), "work done after the response"),
+        ("article", request.url_for("article"), "a long page: gzip and conditional GET"),
+        ("error", request.url_for("error"), "an error, as visitors see it"),
     ]
     items = "\n".join(
         '<li><a id="{0}" href="{1}">{2}</a></li>'.format(key, html.escape(href), text)
@@ -101,6 +108,63 @@ def logo(request):
 @app.get("/go", name="go")
 def go(request):
     raise exc.HTTPFound(location=request.url_for("index"))
+
+
+def _seconds(request, default):
+    try:
+        return min(max(float(request.GET.get("seconds", default)), 0.0), 10.0)
+    except ValueError:
+        return default
+
+
+@app.get("/wait", name="wait")
+def wait(request):
+    # A generator is streamed: the first chunk reaches the browser before the work is done.
+    seconds = _seconds(request, 2)
+    yield page("Please wait", '<p id="wait">Please wait while we work on it\u2026</p>').split("</body>")[0]
+    time.sleep(seconds)
+    yield '<p id="done">Done after %g seconds.</p>\n</body></html>\n' % seconds
+
+
+def _write_report(path, seconds, fail):
+    """Slow work that must not keep the visitor waiting: it runs after the response."""
+    time.sleep(seconds)
+    if fail:
+        raise RuntimeError("the report could not be made (asked to fail)")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("report made at %s\n" % datetime.datetime.now(datetime.timezone.utc).isoformat())
+
+
+@app.get("/report", name="report")
+def report(request):
+    name = request.GET.get("name", "latest")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
+        raise exc.HTTPBadRequest("name: letters, digits, - and _ only")
+    data_dir = str(request.app.config.data_dir)
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(data_dir, "report-%s.txt" % name)
+    fail = request.GET.get("fail") == "1"
+    request.defer(_write_report, path, _seconds(request, 5), fail)
+    return page("A report", "<p id=\"queued\">Your report <b>%s</b> is being made; "
+                "it lands in the data dir as %s.</p>" % (html.escape(name), html.escape(os.path.basename(path))))
+
+
+ARTICLE_DATE = datetime.datetime(2026, 1, 15, 12, 0, tzinfo=datetime.timezone.utc)
+
+
+@app.get("/article", name="article")
+def article(request):
+    # About 20 KB of HTML: sent gzipped to browsers that accept it, with an ETag, and
+    # answered 304 when the browser already has this version.
+    request.response.last_modified = ARTICLE_DATE
+    paragraph = ("<p>tinyweb serves the same app.py as CGI, under mod_python and as FastCGI. "
+                 "This paragraph is here to make the page long enough to be worth compressing.</p>\n")
+    return page("A long article", paragraph * 130)
+
+
+@app.get("/error", name="error")
+def error(request):
+    raise RuntimeError("a deliberate error, to show the 500 page (the traceback is in the error log)")
 
 
 @app.get("/about", name="about")

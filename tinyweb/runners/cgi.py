@@ -162,4 +162,6 @@ def serve(app, options):
     length = environ.get("CONTENT_LENGTH", "")
     if length.isascii() and length.isdigit() and int(length) > stdin.consumed:
         stdin.drain(int(length))
+    if tasks:
+        run_detached(tasks, app)
     return 0
