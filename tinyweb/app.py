@@ -1,7 +1,6 @@
 """The App: a WSGI callable that routes a request to its handler and returns the response."""
 
 import sys
-import traceback
 
 from tinyweb.routing import Router
 
@@ -118,11 +117,13 @@ class App:
             return start_response(status, headers, exc_info)
 
         body = response(environ, checked_start_response)
-        tasks = environ.get("tinyweb.deferred_at_close")
-        if tasks:
+        if "tinyweb.after_response" not in environ:
             # No gateway of ours owns the moment after the response: the server's close().
+            # Wrapped even with no task queued yet: a generator handler defers while the
+            # server iterates its body, after this returns.
             from tinyweb.deferred import AtClose
 
+            tasks = environ.setdefault("tinyweb.deferred_at_close", [])
             return AtClose(body, tasks, environ.get("wsgi.errors"))
         return body
 
@@ -158,6 +159,8 @@ class App:
             self._log(environ, "503 on %s: %s" % (_request_line(environ), error))
             return exc.HTTPServiceUnavailable("The session store is unavailable; try again later.")
         except Exception as error:
+            import traceback
+
             text = traceback.format_exc()
             self._log(environ, "500 on %s\n%s" % (_request_line(environ), text.rstrip()))
             debug = False

@@ -3,9 +3,7 @@
 import configparser
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
 
 __all__ = ["Config", "ConfigError", "load_config", "app_root"]
 
@@ -19,16 +17,29 @@ class ConfigError(ValueError):
     """tinyweb.ini or an App argument holds a value tinyweb cannot use."""
 
 
-@dataclass
 class Config:
-    root: Path
-    path: Optional[Path]
-    secret: Optional[str] = None
-    data_dir: Path = Path("data")
-    debug: bool = False
-    max_body: int = DEFAULT_MAX_BODY
-    allowed_hosts: List[str] = field(default_factory=list)
-    session: Dict[str, str] = field(default_factory=dict)
+    """An app's settings; ``path`` is the file they came from, or None."""
+
+    # A plain class, not a dataclass: every CGI request reads its config, and dataclasses
+    # (with inspect and typing) would cost it ~20 ms (bench/README.md).
+    def __init__(self, root, path, secret=None, data_dir=None, debug=False,
+                 max_body=DEFAULT_MAX_BODY, allowed_hosts=(), cgi_worker=False, session=None):
+        self.root = root
+        self.path = path
+        self.secret = secret
+        self.data_dir = Path("data") if data_dir is None else data_dir
+        self.debug = debug
+        self.max_body = max_body
+        self.allowed_hosts = list(allowed_hosts)
+        self.cgi_worker = cgi_worker
+        self.session = dict(session or {})
+
+    def __eq__(self, other):
+        return isinstance(other, Config) and vars(self) == vars(other)
+
+    def __repr__(self):
+        shown = dict(vars(self), secret="***" if self.secret else None)
+        return "Config(%s)" % ", ".join("%s=%r" % kv for kv in shown.items())
 
     def require_secret(self):
         """Return the secret, or raise ConfigError saying where to put one."""
@@ -122,6 +133,7 @@ def load_config(app_file, overrides=None, environ=None, warn=None):
         config.debug = _bool(section.get("debug", "false"), "debug", where)
         config.max_body = _size(section.get("max_body", DEFAULT_MAX_BODY), "max_body", where)
         config.allowed_hosts = _hosts(section.get("allowed_hosts", ""))
+        config.cgi_worker = _bool(section.get("cgi_worker", "false"), "cgi_worker", where)
     if parser.has_section("session"):
         config.session = dict(parser["session"])
 
@@ -130,7 +142,7 @@ def load_config(app_file, overrides=None, environ=None, warn=None):
     for key, value in overrides.items():
         if key == "data_dir":
             value = root / value
-        elif key == "debug" and isinstance(value, str):
+        elif key in ("debug", "cgi_worker") and isinstance(value, str):
             value = _bool(value, key, "App(...)")
         elif key == "max_body":
             value = _size(value, key, "App(...)")

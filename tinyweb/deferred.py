@@ -51,7 +51,9 @@ def run_tasks(tasks, stream=None):
     for task in tasks:
         try:
             task()
-        except Exception:
+        # SystemExit too: a task's sys.exit() ends that task, not the pool thread (which would
+        # die silently, leaving the tasks queued behind it to wait forever) nor the worker.
+        except (Exception, SystemExit):
             out = stream or sys.stderr
             try:
                 out.write("tinyweb: deferred task %s failed\n%s" % (_name(task), traceback.format_exc()))

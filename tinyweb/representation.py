@@ -69,7 +69,20 @@ def _add_vary(response, token):
 
 def _whole(response):
     # webob keeps a whole body as a list of bytes; anything else is the handler's iterator.
-    return isinstance(response.app_iter, list)
+    # A raised webob.exc response (HTTPOk) makes its body only when called
+    # (WSGIHTTPException.generate_response): its list is empty until then.
+    from webob.exc import WSGIHTTPException
+
+    return isinstance(response.app_iter, list) and not isinstance(response, WSGIHTTPException)
+
+
+def _variant_etag(etag, suffix):
+    """Return ``etag`` (a header value) with ``suffix`` inside its quotes, weak if it was weak."""
+    # Built on the header, not on response.etag: webob's getter drops the W/ of a weak ETag,
+    # and a weak validator set by the handler must not come back strong (RFC 9110 §8.8.1).
+    if etag.endswith('"'):
+        return etag[:-1] + suffix + '"'
+    return '"%s%s"' % (etag.replace('"', ""), suffix)  # an unquoted ETag a handler set
 
 
 def finish(request, response):
@@ -83,7 +96,9 @@ def finish(request, response):
     encoded = "Content-Encoding" in headers
     if response.etag is None:
         # Strong validator from the identity body; the gzip variant gets its own below.
-        response.etag = hashlib.md5(body).hexdigest()
+        # usedforsecurity=False: a FIPS-mode OpenSSL refuses md5 otherwise, and every page would
+        # be a 500; this hash only tells versions apart.
+        response.etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
     if (
         not encoded
         and getattr(response, "compress", True)
@@ -96,7 +111,7 @@ def finish(request, response):
             compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip framing
             response.body = compressor.compress(body) + compressor.flush()
             headers["Content-Encoding"] = "gzip"
-            # A different representation needs a different strong ETag (RFC 9110 §8.8.3).
-            response.etag = response.etag + "-gzip"
+            # A different representation needs its own ETag (RFC 9110 §8.8.3).
+            headers["ETag"] = _variant_etag(headers["ETag"], "-gzip")
     response.conditional_response = True
     return response

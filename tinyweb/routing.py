@@ -3,8 +3,6 @@
 ``Router.match`` returns ``(route, params)`` or raises 404/405, as Bottle's router does.
 """
 
-import re
-from urllib.parse import quote, urlencode
 
 __all__ = ["Route", "Router", "RouteError"]
 
@@ -14,8 +12,9 @@ _CONVERTERS = {
     "int": (r"[0-9]+", int),
     "path": (r".+", str),
 }
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([a-z]+))?\}")
-_STRAY_BRACE = re.compile(r"[^/]*[{}][^/]*")
+_NAME_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
+_NAME_REST = _NAME_START | frozenset("0123456789")
+_KIND = frozenset("abcdefghijklmnopqrstuvwxyz")
 _ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
 
@@ -33,41 +32,57 @@ class Route:
         self.handler = handler
         self.methods = frozenset(m.upper() for m in methods)
         self.name = name
-        regex, self.converters, self._parts = self._compile(pattern)
-        self.regex = re.compile(regex)
+        # Parsed now with string methods, so a malformed pattern fails where it is declared;
+        # the regex is compiled on the first match: importing re costs a CGI request ~10 ms,
+        # and a warm CGI entry (runners/persistent.py) never matches a route at all.
+        self.converters, self._parts = self._parse(pattern)
+        self._regex = None
 
     @staticmethod
-    def _literal(pattern, literal):
+    def _stray(pattern, index):
         # A brace outside a well-formed {name} or {name:kind} is a typo ("{user-id}",
         # "{id:Int}", "{id"); matched literally it would only ever give 404s.
-        stray = _STRAY_BRACE.search(literal)
-        if stray:
-            raise RouteError("route %r: %r is not a parameter: write {name}, {name:int} or "
-                             "{name:path}, with a name made of letters, digits and _"
-                             % (pattern, stray.group()))
-        return literal
+        start = pattern.rfind("/", 0, index) + 1
+        end = pattern.find("/", index)
+        segment = pattern[start:end if end >= 0 else len(pattern)]
+        return RouteError("route %r: %r is not a parameter: write {name}, {name:int} or "
+                          "{name:path}, with a name made of letters, digits and _" % (pattern, segment))
 
     @classmethod
-    def _compile(cls, pattern):
-        regex, converters, parts, pos = ["^"], {}, [], 0
-        for match in _PARAM.finditer(pattern):
-            literal = cls._literal(pattern, pattern[pos:match.start()])
-            regex.append(re.escape(literal))
+    def _parse(cls, pattern):
+        converters, parts, pos = {}, [], 0
+        while True:
+            start = pattern.find("{", pos)
+            literal = pattern[pos:start if start >= 0 else len(pattern)]
+            if "}" in literal:
+                raise cls._stray(pattern, pos + literal.index("}"))
             parts.append(literal)
-            name, kind = match.group(1), match.group(2) or "str"
+            if start < 0:
+                return converters, parts
+            end = pattern.find("}", start)
+            inner = pattern[start + 1:end] if end >= 0 else "{"
+            name, colon, kind = inner.partition(":")
+            if (not name or name[0] not in _NAME_START or not set(name) <= _NAME_REST
+                    or (colon and (not kind or not set(kind) <= _KIND))):
+                raise cls._stray(pattern, start)
+            kind = kind or "str"
             if kind not in _CONVERTERS:
                 raise RouteError("route %r: unknown converter %r (use int or path)" % (pattern, kind))
             if name in converters:
                 raise RouteError("route %r: parameter %r appears twice" % (pattern, name))
-            expr, convert = _CONVERTERS[kind]
-            regex.append("(?P<%s>%s)" % (name, expr))
-            converters[name] = (kind, convert)
+            converters[name] = (kind, _CONVERTERS[kind][1])
             parts.append((name, kind))
-            pos = match.end()
-        literal = cls._literal(pattern, pattern[pos:])
-        regex.append(re.escape(literal) + "$")
-        parts.append(literal)
-        return "".join(regex), converters, parts
+            pos = end + 1
+
+    @property
+    def regex(self):
+        if self._regex is None:
+            import re
+
+            self._regex = re.compile("^%s$" % "".join(
+                re.escape(part) if isinstance(part, str) else "(?P<%s>%s)" % (part[0], _CONVERTERS[part[1]][0])
+                for part in self._parts))
+        return self._regex
 
     def match(self, path):
         """Return the converted parameters if ``path`` matches, else None."""
@@ -78,6 +93,8 @@ class Route:
 
     def build(self, params):
         """Return the path for ``params``; parameters the pattern lacks become the query."""
+        from urllib.parse import quote, urlencode
+
         out, extra = [], dict(params)
         for part in self._parts:
             if isinstance(part, str):

@@ -82,7 +82,20 @@ def run(app, argv=None, environ=None, is_main=True):
         return 2
     if options is None:
         return 0
-    from importlib import import_module
+    app_file = getattr(app, "app_file", None)
+    if options.mode == "cgi" and app_file:
+        # A warm worker of this app (cgi_worker = on) answers before anything heavy loads.
+        from tinyweb.runners.persistent import handoff
 
-    gateway = import_module("tinyweb.runners." + options.mode)
-    return gateway.serve(app, options)
+        if handoff(app_file):
+            return 0
+    return gateway(options.mode).serve(app, options)
+
+
+def gateway(mode):
+    """Return the module that serves ``mode``."""
+    # __import__ rather than importlib.import_module: importlib's package is one more
+    # import on every CGI request.
+    name = "tinyweb.runners." + mode
+    __import__(name)
+    return sys.modules[name]

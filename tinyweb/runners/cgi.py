@@ -5,7 +5,8 @@ import select
 import stat
 import sys
 import time
-from wsgiref.handlers import BaseCGIHandler, read_environ
+import traceback
+from wsgiref.handlers import BaseCGIHandler
 
 from tinyweb.deferred import MAX_PENDING, run_tasks
 
@@ -72,15 +73,29 @@ class CGIGateway(BaseCGIHandler):
         self.run_once = True
 
 
-def cgi_environ(mode):
-    """Return the WSGI environ for the CGI request in os.environ."""
-    # read_environ re-encodes os.environ's surrogate escapes as PEP 3333 latin-1 strings,
-    # which a hand-made copy of os.environ gets wrong for non-ASCII paths.
-    environ = read_environ()
+# CGI variables that carry request bytes (wsgiref.handlers._needs_transcode).
+_REQUEST_VARS = {"SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "REQUEST_METHOD", "AUTH_TYPE",
+                 "CONTENT_TYPE", "CONTENT_LENGTH", "HTTPS", "REMOTE_USER", "REMOTE_IDENT"}
+
+
+def _carries_request_bytes(key):
+    while key.startswith("REDIRECT_"):
+        key = key[len("REDIRECT_"):]
+    return key in _REQUEST_VARS or key.startswith(("HTTP_", "SSL_"))
+
+
+def environ_from(source, mode):
+    """Return the WSGI environ for the CGI request whose variables are ``source``."""
+    # As wsgiref's read_environ: Python decoded the environment with surrogate escapes,
+    # and WSGI wants each request byte as one latin-1 character (PEP 3333).
+    encoding = sys.getfilesystemencoding()
+    environ = {
+        key: value.encode(encoding, "surrogateescape").decode("latin-1") if _carries_request_bytes(key) else value
+        for key, value in source.items()
+    }
     # httpoxy (CVE-2016-5385..5388): a client's "Proxy:" header must never reach code that
     # reads HTTP_PROXY from the environment.
     environ.pop("HTTP_PROXY", None)
-    os.environ.pop("HTTP_PROXY", None)
     environ["tinyweb.mode"] = mode
     if not environ.get("CONTENT_LENGTH") and environ.get("REQUEST_METHOD", "GET").upper() in (
         "POST", "PUT", "PATCH"
@@ -89,6 +104,12 @@ def cgi_environ(mode):
         # EOF (Apache mod_cgi and mod_cgid alike); the app bounds what it reads.
         environ["wsgi.input_terminated"] = True
     return environ
+
+
+def cgi_environ(mode):
+    """Return the WSGI environ for the CGI request in os.environ."""
+    os.environ.pop("HTTP_PROXY", None)
+    return environ_from(os.environ, mode)
 
 
 def _stderr_is_a_file():
@@ -109,7 +130,12 @@ def _task_log(app):
         data_dir = str(app.config.data_dir)
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         return os.open(os.path.join(data_dir, "deferred.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    except Exception:  # no usable data dir: the task still runs, its failures go nowhere
+    except Exception as exc:
+        # No usable data dir (not writable by the web server's user, say): the tasks still
+        # run, their failures go nowhere, and the error log says so now, while we hold it.
+        sys.stderr.write("tinyweb: a failing deferred task cannot be logged (%s); make the data "
+                         "dir writable by this user\n" % exc)
+        sys.stderr.flush()
         return os.open(os.devnull, os.O_WRONLY)
 
 
@@ -142,6 +168,11 @@ def run_detached(tasks, app):
         os.close(log_fd)
         sys.stdout = sys.stderr
         run_tasks(tasks)
+    except BaseException:
+        # Say why the tasks are lost (the second fork fails with EAGAIN at the process limit)
+        # on fd 2, still the error log here, rather than vanish through os._exit.
+        text = "tinyweb: deferred tasks not run\n%s" % traceback.format_exc()
+        os.write(2, text.encode("utf-8", "replace"))
     finally:
         os._exit(0)  # never unwind into the caller's code: this is not the request process
 
@@ -164,4 +195,18 @@ def serve(app, options):
         stdin.drain(int(length))
     if tasks:
         run_detached(tasks, app)
+    _start_worker_if_wanted(app)
     return 0
+
+
+def _start_worker_if_wanted(app):
+    """Start a warm worker for the next requests when tinyweb.ini asks for one."""
+    app_file = getattr(app, "app_file", None)
+    try:
+        wanted = app_file and app.config.cgi_worker
+    except Exception:  # a config error was already reported on the request
+        return
+    if wanted:
+        from tinyweb.runners.persistent import spawn_worker
+
+        spawn_worker(app_file)

@@ -1,54 +1,62 @@
-"""Parse the gateway options from command-line flags and TINYWEB_* environment variables."""
+"""Parse the gateway options from command-line flags and TINYWEB_* environment variables.
 
-import argparse
-import re
-from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+Every CGI request imports this module to choose its gateway, so it imports nothing at the
+top: argparse, re and dataclasses would cost a CGI request ~50 ms (bench/README.md), and a
+CGI request never parses a command line.
+"""
 
 MODES = ("cgi", "modpython", "fcgi", "dev")
-
-# A unix socket path, or a (host, port) / (host, port, 0, 0) address for socket.bind.
-Address = Union[str, Tuple]
 
 
 class UsageError(ValueError):
     """A flag or environment variable has a value tinyweb cannot use."""
 
 
-@dataclass
 class Options:
-    mode: Optional[str] = None
-    bind: Optional[Address] = None
-    workers: Optional[int] = None
-    threads: Optional[int] = None
-    max_requests: int = 0
-    umask: Optional[int] = None
-    socket_group: Optional[str] = None
-    socket_mode: Optional[int] = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    reload: bool = False
-    # True when the mode was not asked for but fell back to "dev": the dev gateway says so.
-    announce: bool = False
+    """How to serve: the mode and its settings.
+
+    ``bind`` is a unix socket path, or a (host, port) / (host, port, 0, 0) address for
+    socket.bind. ``announce`` is true when the mode was not asked for but fell back to
+    "dev": the dev gateway says so.
+    """
+
+    _DEFAULTS = dict(mode=None, bind=None, workers=None, threads=None, max_requests=0, umask=None,
+                     socket_group=None, socket_mode=None, host="127.0.0.1", port=8000,
+                     reload=False, announce=False)
+
+    def __init__(self, **settings):
+        unknown = set(settings) - set(self._DEFAULTS)
+        if unknown:
+            raise TypeError("unknown option(s): %s" % ", ".join(sorted(unknown)))
+        self.__dict__.update(self._DEFAULTS, **settings)
+
+    def __eq__(self, other):
+        return isinstance(other, Options) and vars(self) == vars(other)
+
+    def __repr__(self):
+        return "Options(%s)" % ", ".join("%s=%r" % kv for kv in vars(self).items())
 
 
-_TCP = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^/\[\]:]*)):(?P<port>\d{1,5})$")
-# What was meant as HOST:PORT or [IPV6]:PORT, not as a file name: no "/", and a ":" or "[".
-_LOOKS_TCP = re.compile(r"^(?:\[|[^/]*:)[^/]*$")
+# HOST:PORT or [IPV6]:PORT; and what was meant as one, not as a file name: no "/", and a
+# ":" or "[". Compiled on first use (see the module docstring).
+_TCP_PATTERN = r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^/\[\]:]*)):(?P<port>\d{1,5})$"
+_LOOKS_TCP_PATTERN = r"^(?:\[|[^/]*:)[^/]*$"
 
 
 def parse_address(text):
     """Turn ``PATH``, ``unix:PATH``, ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` into an address."""
+    import re
+
     if text.startswith("unix:"):
         path = text[len("unix:"):]
         if not path:
             raise UsageError("--bind unix: needs a socket path, e.g. unix:/run/app.sock")
         return path
-    match = _TCP.match(text)
+    match = re.match(_TCP_PATTERN, text)
     if match is None:
         if not text:
             raise UsageError("--bind needs an address: PATH, unix:PATH, HOST:PORT or :PORT")
-        if _LOOKS_TCP.match(text):
+        if re.match(_LOOKS_TCP_PATTERN, text):
             # Taken as a path, "localhost:http" or "[::1]" would quietly become a socket file.
             raise UsageError("--bind %s: write HOST:PORT, [IPV6]:PORT or :PORT with a port number, "
                              "or unix:%s for a socket file of that name" % (text, text))
@@ -65,6 +73,8 @@ def _octal(text):
     try:
         return int(text, 8)
     except ValueError:
+        import argparse
+
         raise argparse.ArgumentTypeError("%r is not an octal number such as 0660" % text)
 
 
@@ -74,6 +84,8 @@ def _positive(text):
     except ValueError:
         value = 0
     if value < 1:
+        import argparse
+
         raise argparse.ArgumentTypeError("%r is not a whole number of at least 1" % text)
     return value
 
@@ -84,6 +96,8 @@ def _count(text):
     except ValueError:
         value = -1
     if value < 0:
+        import argparse
+
         raise argparse.ArgumentTypeError("%r is not a whole number of at least 0" % text)
     return value
 
@@ -91,6 +105,8 @@ def _count(text):
 def _port(text):
     value = _positive(text)
     if value > 65535:
+        import argparse
+
         raise argparse.ArgumentTypeError("%r is not a port number (1-65535)" % text)
     return value
 
@@ -116,6 +132,8 @@ _FLAGS = [
 
 
 def build_parser(prog=None):
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Serve this tinyweb app. Without --mode the gateway is detected: "
@@ -138,6 +156,8 @@ def parse_options(argv, environ, prog=None):
         value = environ.get(env)
         if value:
             env_argv.append("%s=%s" % (flag, value))
+
+    import argparse
 
     class _Raising(argparse.ArgumentParser):
         def error(self, message):
