@@ -2,7 +2,7 @@
 
 from tinyweb.app import App
 
-__all__ = ["App", "Request", "Response", "__version__"]
+__all__ = ["App", "Request", "Response", "TooManyTasks", "__version__"]
 __version__ = "0.1.0"
 
 
@@ -12,4 +12,8 @@ def __getattr__(name):
         from tinyweb import request
 
         return getattr(request, name)
+    if name == "TooManyTasks":
+        from tinyweb.deferred import TooManyTasks
+
+        return TooManyTasks
     raise AttributeError("module 'tinyweb' has no attribute %r" % name)

@@ -22,6 +22,8 @@ class Response(webob.Response):
     """
 
     default_content_type = None
+    #: Set to False to send this response uncompressed even to clients that accept gzip.
+    compress = True
 
 
 class Request(webob.Request):
