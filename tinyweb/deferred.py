@@ -8,10 +8,10 @@ in a detached grandchild, FastCGI on a bounded pool after FCGI_END_REQUEST, mod_
 thread. Under any other WSGI server the tasks run when the server closes the response.
 """
 
-import functools
 import sys
-import threading
-import traceback
+
+# functools, threading and traceback are imported where used: a CGI request imports this
+# module on every request and rarely defers anything.
 
 __all__ = ["defer", "run_tasks", "start_thread", "TooManyTasks", "MAX_PENDING", "AtClose", "TaskPool"]
 
@@ -38,6 +38,8 @@ def defer(environ, func, args, kwargs):
             "%d deferred tasks are already pending in this process (at most %d): "
             "do the work now, or hand it to a job queue" % (MAX_PENDING - room + len(tasks), MAX_PENDING)
         )
+    import functools
+
     tasks.append(functools.partial(func, *args, **kwargs))
 
 
@@ -56,6 +58,8 @@ def run_tasks(tasks, stream=None):
         except (Exception, SystemExit):
             out = stream or sys.stderr
             try:
+                import traceback
+
                 out.write("tinyweb: deferred task %s failed\n%s" % (_name(task), traceback.format_exc()))
                 out.flush()
             except (OSError, ValueError):
@@ -64,11 +68,15 @@ def run_tasks(tasks, stream=None):
 
 def pending_threads():
     """Count this process's deferred-task threads that are still running."""
+    import threading
+
     return sum(1 for t in threading.enumerate() if t.name == THREAD_NAME)
 
 
 def start_thread(tasks, stream=None):
     """Run ``tasks`` on a new daemon-less thread, so the process waits for them at exit."""
+    import threading
+
     thread = threading.Thread(target=run_tasks, args=(list(tasks), stream), name=THREAD_NAME)
     thread.start()
     return thread
@@ -102,6 +110,8 @@ class TaskPool:
     def __init__(self, threads=2, limit=MAX_PENDING, stream=None):
         self.threads, self.limit, self.stream = threads, limit, stream
         self._pending = 0
+        import threading
+
         self._cond = threading.Condition()
         self._queue = []
         self._started = False
@@ -118,6 +128,8 @@ class TaskPool:
         with self._cond:
             if not self._started:
                 for n in range(self.threads):
+                    import threading
+
                     threading.Thread(target=self._work, name=THREAD_NAME, daemon=True).start()
                 self._started = True
             self._pending += len(tasks)

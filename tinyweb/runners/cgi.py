@@ -5,7 +5,6 @@ import select
 import stat
 import sys
 import time
-import traceback
 from wsgiref.handlers import BaseCGIHandler
 
 from tinyweb.deferred import MAX_PENDING, run_tasks
@@ -171,6 +170,8 @@ def run_detached(tasks, app):
     except BaseException:
         # Say why the tasks are lost (the second fork fails with EAGAIN at the process limit)
         # on fd 2, still the error log here, rather than vanish through os._exit.
+        import traceback
+
         text = "tinyweb: deferred tasks not run\n%s" % traceback.format_exc()
         os.write(2, text.encode("utf-8", "replace"))
     finally:
@@ -179,6 +180,9 @@ def run_detached(tasks, app):
 
 def serve(app, options):
     """Answer the one request this process was started for; return 0."""
+    from tinyweb.runners.oneshot import import_webob
+
+    import_webob()
     environ = cgi_environ("cgi")
     tasks = environ["tinyweb.after_response"] = []
     environ["tinyweb.defer_room"] = MAX_PENDING
