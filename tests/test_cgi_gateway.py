@@ -53,6 +53,16 @@ def boom(request):
     raise RuntimeError("boom under cgi")
 
 
+@app.get("/stdlib")
+def stdlib(request):
+    loaded = "urllib.request" in sys.modules
+    import webob.compat
+
+    with webob.compat.url_open("file://" + os.path.abspath(__file__)) as f:
+        works = b"app.run()" in f.read()
+    return {"urllib_request_loaded": loaded, "url_open_works": works}
+
+
 app.run()
 """
 
@@ -246,3 +256,10 @@ def test_body_shorter_than_content_length_does_not_hang(site):
                    timeout=8)
     os.close(read_end)
     assert split_cgi(out.stdout)[0] == "400 Bad Request"
+
+
+def test_webob_loads_without_urllib_request_until_it_is_used(site):
+    # The CGI gateway defers urllib.request (and http.client, ssl) that WebOb binds at
+    # import but a request does not use; WebOb's url_open still works when called.
+    out = run_site(site, site_env("/stdlib"))
+    assert json.loads(split_cgi(out.stdout)[2]) == {"urllib_request_loaded": False, "url_open_works": True}
