@@ -4,7 +4,7 @@
 # (under CI they fail instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages="apache2 libapache2-mod-python libapache2-mod-fcgid nginx-light python3-venv"
+packages="apache2 libapache2-mod-python libapache2-mod-fcgid nginx-light python3-venv wrk"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=$(dpkg-query -W -f='${Package} ${Status}\n' $packages 2>/dev/null | grep -vc ' installed$' || true)
     if ! dpkg-query -W $packages >/dev/null 2>&1 || [ "$missing" != 0 ]; then

@@ -1,10 +1,10 @@
-"""Serve a WSGI app over FastCGI: flup speaks the protocol, this module owns the socket.
+"""Serve a WSGI app over FastCGI: flup speaks the protocol, this module runs the connections.
 
 flup 1.0.3 decodes and encodes records (``fcgi_base.Connection``/``Request``) and turns a
 request into a WSGI call (``BaseFCGIServer.handler``). What it gets wrong is replaced, each
-piece with a comment naming the flup bug it avoids: binding the socket (it unlinks whatever
-sits at the path and leaves the file behind), reading records (no timeout, no bounds checks),
-closing a connection (waits for the peer forever), and the processes (``prefork.py``).
+piece with a comment naming the flup bug it avoids: reading records (no timeout, no bounds
+checks), closing a connection (waits for the peer forever), binding the socket
+(``listen.py``) and the processes (``prefork.py``).
 Nothing imports flup until ``serve`` runs: a CGI request never pays for it.
 """
 
