@@ -121,19 +121,19 @@ def _stderr_is_a_file():
         return False
 
 
-def _task_log(app):
-    """Return an fd for a detached task's stderr: the error log if we have it, else a file."""
+def _task_log(app, name="deferred.log", what="a failing deferred task"):
+    """Return an fd for a detached process's stderr: the error log if we have it, else a file."""
     if _stderr_is_a_file():
         return os.dup(2)
     try:
         data_dir = str(app.config.data_dir)
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        return os.open(os.path.join(data_dir, "deferred.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.open(os.path.join(data_dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except Exception as exc:
         # No usable data dir (not writable by the web server's user, say): the tasks still
         # run, their failures go nowhere, and the error log says so now, while we hold it.
-        sys.stderr.write("tinyweb: a failing deferred task cannot be logged (%s); make the data "
-                         "dir writable by this user\n" % exc)
+        sys.stderr.write("tinyweb: %s cannot be logged (%s); make the data "
+                         "dir writable by this user\n" % (what, exc))
         sys.stderr.flush()
         return os.open(os.devnull, os.O_WRONLY)
 
@@ -211,6 +211,8 @@ def _start_worker_if_wanted(app):
     except Exception:  # a config error was already reported on the request
         return
     if wanted:
-        from tinyweb.runners.persistent import spawn_worker
+        from tinyweb.runners.persistent import socket_path, spawn_worker
 
-        spawn_worker(app_file)
+        if socket_path(app_file, create=True) is not None:
+            # Its errors go where a detached task's would (the error log, else data/).
+            spawn_worker(app_file, _task_log(app, "worker.log", "the CGI worker's errors"))

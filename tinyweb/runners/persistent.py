@@ -9,19 +9,25 @@ request costs little more than starting Python.
 Safety, each with its guard:
 - the socket is private: it lives in a directory owned by the user the app runs as, mode
   0700 (checked, not assumed), and the worker serves only the app file it loaded;
-- no stale code: each request carries the app file's and tinyweb.ini's stat; the worker
-  also checks every non-stdlib module it loaded; on any change it answers "stale" and
-  exits, and the entry serves the request itself (cold) and starts a fresh worker;
+- no stale code: each request carries the app file's and tinyweb.ini's stat, its TINYWEB_*
+  settings and its interpreter and sys.path; the worker also checks every non-stdlib
+  module it has loaded; on any difference it answers "stale" and exits, and the entry
+  serves the request itself (cold) and starts a fresh worker;
 - a cold fallback: no socket, no worker, a refused connection or a stale answer, and the
   entry serves the request the ordinary CGI way. Once the request has been sent, a
   worker that dies gives a 502, never a second run of the request.
+
+The worker (cgi_worker.py) runs up to MAX_CONNECTIONS requests at once on threads
+(``wsgi.multithread`` is true), logs to the error log it inherited (under mod_cgid) or to
+``data/worker.log``, and exits after IDLE_SECONDS without a request;
+``TINYWEB_CGI_WORKER_IDLE`` (seconds, read by the worker when it starts) overrides that.
 """
 
 import marshal
 import os
 import sys
 
-__all__ = ["handoff", "socket_path", "spawn_worker", "main"]
+__all__ = ["handoff", "socket_path", "spawn_worker"]
 
 MAGIC = b"TWP1"
 ANSWER_RESPONSE = b"R"
@@ -31,47 +37,75 @@ IDLE_SECONDS = 300.0  # a worker with no request for this long exits
 MAX_REQUESTS = 10000  # then exits too, bounding whatever the app leaks
 MAX_CONNECTIONS = 8   # served at once by one worker (threads)
 CHUNK = 65536
+# The entry's deadlines: to connect and send the request, for the worker's answer (it
+# answers when it has a free slot; a busy worker means a cold request), and for the
+# worker's silence once it owns the request (Apache's own default Timeout).
+CONNECT_SECONDS = 2.0
+ANSWER_SECONDS = 5.0
+SILENT_SECONDS = 60.0
+# A new worker waits this long for the one it replaces to let go of the socket.
+TAKEOVER_SECONDS = 5.0
 
 
-def runtime_dir():
-    """Return the private directory for this user's worker sockets, or None if unsafe."""
+def runtime_dir(create=False):
+    """Return the private directory for this user's worker sockets, or None if unsafe.
+
+    Only a worker being started creates it: with no worker, a CGI request leaves no trace.
+    """
     base = os.environ.get("TINYWEB_RUNTIME_DIR") or "/tmp/tinyweb-%d" % os.getuid()
     try:
-        os.mkdir(base, 0o700)
-    except FileExistsError:
-        pass
+        if create:
+            try:
+                os.mkdir(base, 0o700)
+            except FileExistsError:
+                pass
+        st = os.lstat(base)
     except OSError:
         return None
-    st = os.lstat(base)
     # Another local user could have made it first (or a symlink): then it is not ours to use.
     if not (st.st_uid == os.getuid() and (st.st_mode & 0o777) == 0o700 and (st.st_mode & 0o170000) == 0o040000):
         return None
     return base
 
 
-def socket_path(app_file):
+def socket_path(app_file, create=False):
     """Return the worker socket path for ``app_file`` (the worker checks it is that app)."""
-    import zlib
-
-    base = runtime_dir()
+    base = runtime_dir(create)
     if base is None:
         return None
-    return os.path.join(base, "%08x.sock" % zlib.crc32(os.path.abspath(app_file).encode("utf-8", "surrogateescape")))
+    import zlib
+
+    path = os.path.join(base, "%08x.sock" % zlib.crc32(os.path.abspath(app_file).encode("utf-8", "surrogateescape")))
+    # sun_path holds 108 bytes (unix(7)): a worker could never bind a longer one.
+    return path if len(os.fsencode(path)) < 108 else None
 
 
 def stamp(path):
+    """Return what changes when the file at ``path`` does, or None if there is none."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+    # ctime too: a copy that keeps the mtime (cp -p, tar, rsync -t) still moves it.
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
 
 
-def request_stamps(app_file):
-    """What must not have changed for the worker's code to be current."""
+def request_stamps(app_file, environ):
+    """What must be the same for the worker's code and settings to be this request's."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(app_file)))
-    config = os.environ.get("TINYWEB_CONFIG") or os.path.join(root, "tinyweb.ini")
-    return {"app": stamp(app_file), "config": stamp(config), "config_path": config}
+    config = environ.get("TINYWEB_CONFIG") or os.path.join(root, "tinyweb.ini")
+    return {
+        "app": stamp(app_file),
+        "config": (config, stamp(config)),
+        # TINYWEB_CONFIG, TINYWEB_DEBUG, ...: a request from a server with other settings
+        # for the same app file is not this worker's to serve.
+        "settings": sorted((k, v) for k, v in environ.items() if k.startswith("TINYWEB_")),
+    }
+
+
+def python_stamp():
+    """The interpreter and import path, which decide what code ``import`` finds."""
+    return [sys.executable] + sys.path
 
 
 # --- the entry: the CGI process ------------------------------------------------------------
@@ -87,75 +121,100 @@ def _send_all(sock, data):
 def handoff(app_file):
     """Serve this CGI request through a warm worker; return False if none took it.
 
-    False means nothing was written to stdout: the caller serves the request itself.
+    False means nothing was written to stdout and nothing read from stdin: the caller
+    serves the request itself.
     """
-    import _socket
-    import select
-
     path = socket_path(app_file)
     if path is None:
         return False
+    try:
+        os.stat(path)
+    except OSError:
+        return False  # no worker: the cold request pays for nothing more
+    import _socket
+
+    env = dict(os.environ)
+    stamps = dict(request_stamps(app_file, env), python=python_stamp())
+    header = marshal.dumps({"app": os.path.abspath(app_file), "env": env, "stamps": stamps})
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.settimeout(2.0)
+        sock.settimeout(CONNECT_SECONDS)
         sock.connect(path)
-        env = dict(os.environ)
-        header = marshal.dumps({"app": os.path.abspath(app_file), "env": env,
-                                "stamps": request_stamps(app_file)})
         _send_all(sock, MAGIC + len(header).to_bytes(4, "big") + header)
         # The worker answers once it has a free slot; until we say "go" it runs nothing,
-        # so giving up here (busy, stale) and serving cold can never run the request twice.
-        sock.settimeout(30.0)
-        answer = sock.recv(1)
-        if answer == ANSWER_RESPONSE:
-            _send_all(sock, GO)
+        # so giving up here (busy, stale, gone) and serving cold never runs the request
+        # twice. A "go" that could not be sent never reached the worker.
+        sock.settimeout(ANSWER_SECONDS)
+        if sock.recv(1) != ANSWER_RESPONSE:
+            sock.close()
+            return False
+        _send_all(sock, GO)
     except OSError:
         sock.close()
         return False
-    if answer != ANSWER_RESPONSE:
-        sock.close()  # stale or refused: serve cold
-        return False
 
-    # Now the worker owns the request: relay the body in and the response out, without
-    # ever blocking on one side while the other is full (no deadlock on big bodies).
-    sock.settimeout(None)
-    sock.setblocking(False)
+    # Now the worker owns the request: whatever happens, this process answers it and never
+    # falls back to running it.
     out = sys.stdout.buffer
+    got_any, left, why = _relay(sock, out, env)
+    sock.close()
+    if not got_any:
+        try:
+            out.write(b"Status: 502 Bad Gateway\r\nContent-Type: text/plain\r\n\r\n"
+                      b"The app's worker stopped before answering.\n")
+            out.flush()
+        except OSError:
+            pass
+    if why:
+        sys.stderr.write("tinyweb: the CGI worker for %s %s\n" % (app_file, why))
+    if left:
+        _drain_stdin(left)
+    return True
+
+
+def _relay(sock, out, env):
+    """Copy the body from stdin to the worker and its response to ``out``.
+
+    Never blocks on one side while the other is full (no deadlock on big bodies). Return
+    (whether any response came, body bytes left unread (-1: to EOF), what went wrong).
+    """
+    import select
+
+    sock.setblocking(False)
     out.flush()
     length = env.get("CONTENT_LENGTH", "")
-    to_send = int(length) if length.isascii() and length.isdigit() else (
-        -1 if env.get("REQUEST_METHOD", "GET").upper() in ("POST", "PUT", "PATCH") else 0)
+    if length.isascii() and length.isdigit():
+        left = int(length)
+    else:
+        left = -1 if env.get("REQUEST_METHOD", "GET").upper() in ("POST", "PUT", "PATCH") else 0
     pending = b""
     body_done = False  # the empty chunk that ends the body has been queued
-    stdin_fd = 0
     got_any = False
     while True:
-        if not pending and not body_done and to_send == 0:
+        if not pending and not body_done and left == 0:
             pending, body_done = b"\0\0\0\0", True  # the worker reads the body to this mark
-        want_read = [sock]
-        want_write = [sock] if pending else []
-        if not pending and not body_done:
-            want_read.append(stdin_fd)
-        readable, writable, _ = select.select(want_read, want_write, [], 60.0)
+        want_read = [sock] if pending or body_done else [sock, 0]
+        readable, writable, _ = select.select(want_read, [sock] if pending else [], [], SILENT_SECONDS)
         if not readable and not writable:
-            break  # the worker went silent for a minute
-        if stdin_fd in readable:
-            data = os.read(stdin_fd, CHUNK if to_send < 0 else min(CHUNK, to_send))
-            if to_send > 0:
-                to_send -= len(data)
-            if not data:
-                to_send = 0  # EOF before Content-Length: the worker sees a short body
-            else:
-                pending = len(data).to_bytes(4, "big") + data
-        if sock in writable and pending:
+            return got_any, left, "sent nothing for %d s; gave up on the response" % SILENT_SECONDS
+        if 0 in readable:
             try:
-                sent = sock.send(pending)
+                data = os.read(0, CHUNK if left < 0 else min(CHUNK, left))
+            except OSError:
+                data = b""
+            if not data:
+                left = 0  # EOF before Content-Length: the worker sees a short body
+            else:
+                if left > 0:
+                    left -= len(data)
+                pending = len(data).to_bytes(4, "big") + data
+        if pending and sock in writable:
+            try:
+                pending = pending[sock.send(pending):]
             except BlockingIOError:
-                sent = 0
+                pass
             except OSError:
                 pending, body_done = b"", True  # the worker stopped reading: it has what it needs
-                sent = 0
-            pending = pending[sent:]
         if sock in readable:
             try:
                 data = sock.recv(CHUNK)
@@ -164,19 +223,14 @@ def handoff(app_file):
             except OSError:
                 data = b""
             if not data:
-                break
+                why = None if got_any else "closed the connection without a response"
+                return got_any, left, why
             got_any = True
-            out.write(data)
-            out.flush()
-    sock.close()
-    if to_send != 0:
-        _drain_stdin(to_send)
-    if not got_any:
-        out.write(b"Status: 502 Bad Gateway\r\nContent-Type: text/plain\r\n\r\n"
-                  b"The app's worker stopped before answering.\n")
-        out.flush()
-        sys.stderr.write("tinyweb: the CGI worker for %s closed the connection without a response\n" % app_file)
-    return True
+            try:
+                out.write(data)
+                out.flush()
+            except OSError:
+                return True, left, None  # the client went away: nobody to answer
 
 
 def _drain_stdin(left, limit=64 * 1024 * 1024, seconds=10.0):
@@ -190,20 +244,39 @@ def _drain_stdin(left, limit=64 * 1024 * 1024, seconds=10.0):
         wait = deadline - time.monotonic()
         if wait <= 0 or not select.select([0], [], [], wait)[0]:
             return
-        data = os.read(0, min(CHUNK, left))
+        try:
+            data = os.read(0, min(CHUNK, left))
+        except OSError:
+            return
         if not data:
             return
         left -= len(data)
 
 
-def spawn_worker(app_file):
-    """Start a worker for ``app_file`` detached from this CGI process; return at once."""
-    path = socket_path(app_file)
+# Run the worker as `python app.py` runs the app: the app's folder first on sys.path, where
+# `python -m` or `-c` would put the working directory (a module beside app.py must import,
+# and the same tinyweb must load as in the entry).
+_BOOTSTRAP = ("import sys; sys.path[0] = sys.argv[1]; "
+              "from tinyweb.runners.cgi_worker import main; sys.exit(main(sys.argv[2:]))")
+
+
+def spawn_worker(app_file, log_fd=None):
+    """Start a worker for ``app_file`` detached from this CGI process; return at once.
+
+    The worker's stderr is ``log_fd`` if given (closed here), else this process's fd 2 when
+    that is a file (mod_cgid's error log), else /dev/null.
+    """
+    path = socket_path(app_file, create=True)
     if path is None:
+        if log_fd is not None:
+            os.close(log_fd)
         return
     sys.stdout.flush()
+    sys.stderr.flush()
     pid = os.fork()
     if pid:
+        if log_fd is not None:
+            os.close(log_fd)
         os.waitpid(pid, 0)
         return
     try:
@@ -213,251 +286,19 @@ def spawn_worker(app_file):
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
-        os.close(null)
-        # fd 2 stays: under mod_cgid it is the error log, where the worker's errors belong;
-        # under mod_cgi it is a pipe Apache waits on, so it goes to /dev/null there.
+        # Under mod_cgi fd 2 is a pipe Apache reads to EOF: a worker holding it would keep
+        # the response open (notes/servers.md §2).
         import stat as _stat
 
-        if not _stat.S_ISREG(os.fstat(2).st_mode):
-            null = os.open(os.devnull, os.O_WRONLY)
+        if log_fd is not None:
+            os.dup2(log_fd, 2)
+            os.close(log_fd)
+        elif not _stat.S_ISREG(os.fstat(2).st_mode):
             os.dup2(null, 2)
-            os.close(null)
+        os.close(null)
         env = {k: v for k, v in os.environ.items()
                if k.startswith("TINYWEB_") or k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "HOME")}
-        os.execve(sys.executable, [sys.executable, "-m", "tinyweb.runners.persistent", app_file, path], env)
+        app_dir = os.path.dirname(os.path.realpath(app_file))
+        os.execve(sys.executable, [sys.executable, "-c", _BOOTSTRAP, app_dir, app_file, path], env)
     finally:
         os._exit(127)
-
-
-# --- the worker ------------------------------------------------------------------------------
-
-
-class _BodyReader:
-    """The request body the entry sends as length-prefixed chunks, ending with an empty one."""
-
-    def __init__(self, rfile):
-        self._rfile = rfile
-        self._buf = b""
-        self._done = False
-
-    def _fill(self):
-        if self._done:
-            return False
-        head = self._rfile.read(4)
-        if len(head) < 4:
-            self._done = True
-            return False
-        size = int.from_bytes(head, "big")
-        if size == 0:
-            self._done = True
-            return False
-        self._buf += self._rfile.read(size)
-        return True
-
-    def read(self, size=-1):
-        if size is None or size < 0:
-            while self._fill():
-                pass
-            data, self._buf = self._buf, b""
-            return data
-        while len(self._buf) < size and self._fill():
-            pass
-        data, self._buf = self._buf[:size], self._buf[size:]
-        return data
-
-    def read1(self, size=-1):
-        if not self._buf:
-            self._fill()
-        return self.read(min(size, len(self._buf)) if size and size > 0 else -1)
-
-    def readline(self, size=-1):
-        while b"\n" not in self._buf and (size < 0 or len(self._buf) < size) and self._fill():
-            pass
-        end = self._buf.find(b"\n") + 1 or len(self._buf)
-        if size is not None and size >= 0:
-            end = min(end, size)
-        data, self._buf = self._buf[:end], self._buf[end:]
-        return data
-
-    def readlines(self, hint=-1):
-        return list(iter(self.readline, b""))
-
-    def __iter__(self):
-        return iter(self.readline, b"")
-
-    def drain(self):
-        while self._fill():
-            self._buf = b""
-
-
-def _module_stamps():
-    """Stat every loaded module file outside the standard library."""
-    import sysconfig
-
-    stdlib = sysconfig.get_paths()["stdlib"]
-    stamps = {}
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        if path and not path.startswith(stdlib):
-            stamps[path] = stamp(path)
-    return stamps
-
-
-class Worker:
-    """Serve CGI requests handed over by entries, for one app file, until idle or stale."""
-
-    def __init__(self, app_file, path):
-        self.app_file = os.path.abspath(app_file)
-        self.path = path
-        self.app = None
-        self.started = request_stamps(self.app_file)
-        self.modules = {}
-        self.stale = False
-        self.served = 0
-
-    def load(self):
-        import importlib.util
-
-        from tinyweb.app import App
-
-        spec = importlib.util.spec_from_file_location("tinyweb_cgi_worker_app", self.app_file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        # The worker's environment has no CGI request in it, so app.run() does nothing here.
-        spec.loader.exec_module(module)
-        apps = [v for v in vars(module).values() if isinstance(v, App)]
-        if not apps:
-            raise RuntimeError("%s defines no tinyweb.App" % self.app_file)
-        self.app = vars(module).get("app") if isinstance(vars(module).get("app"), App) else apps[0]
-        self.app.config  # read tinyweb.ini now: an error shows before any request is taken
-        import tinyweb.request  # noqa: F401  (loaded now, so its files are stamped too)
-        import tinyweb.runners.cgi  # noqa: F401
-        self.modules = _module_stamps()
-
-    def current(self, stamps):
-        """Tell whether the entry's app and config, and our modules, are what we loaded."""
-        if stamps.get("app") != self.started["app"] or stamps.get("config") != self.started["config"]:
-            return False
-        return all(stamp(path) == old for path, old in self.modules.items())
-
-    def handle(self, conn):
-        from tinyweb.runners.cgi import CGIGateway, environ_from
-
-        rfile = conn.makefile("rb")
-        wfile = conn.makefile("wb")
-        try:
-            if rfile.read(4) != MAGIC:
-                return
-            size = int.from_bytes(rfile.read(4), "big")
-            if not 0 < size <= 1 << 24:
-                return
-            header = marshal.loads(rfile.read(size))
-            if header.get("app") != self.app_file or self.stale or not self.current(header.get("stamps", {})):
-                self.stale = True
-                wfile.write(ANSWER_STALE)
-                wfile.flush()
-                return
-            wfile.write(ANSWER_RESPONSE)
-            wfile.flush()
-            if rfile.read(1) != GO:
-                return  # the entry gave up waiting and served the request itself
-            environ = environ_from(header["env"], "cgi")
-            environ["tinyweb.cgi_worker"] = True
-            tasks = environ["tinyweb.after_response"] = []
-            environ["tinyweb.defer_room"] = self.tasks.room()
-            body = _BodyReader(rfile)
-            CGIGateway(body, wfile, sys.stderr, environ).run(self.app)
-            wfile.flush()
-            body.drain()
-            self.tasks.submit(tasks)
-        finally:
-            self.served += 1
-            for f in (wfile, rfile):
-                try:
-                    f.close()
-                except OSError:
-                    pass
-            try:
-                conn.shutdown(2)
-            except OSError:
-                pass
-            conn.close()
-
-    def serve(self):
-        import fcntl
-        import socket
-        import threading
-        import time
-
-        from tinyweb.deferred import TaskPool
-
-        self.tasks = TaskPool(stream=sys.stderr)
-        lock = open(self.path + ".lock", "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return 0  # another worker for this app is starting or running
-        self.load()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)
-        try:
-            listener.bind(self.path)
-        finally:
-            os.umask(old)
-        inode = os.stat(self.path).st_ino
-        with open(self.path + ".pid", "w") as f:
-            f.write("%d\n" % os.getpid())
-        listener.listen(64)
-        listener.settimeout(1.0)
-        slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        last = time.monotonic()
-        try:
-            while not self.stale and self.served < MAX_REQUESTS and time.monotonic() - last < IDLE_SECONDS:
-                try:
-                    conn, _ = listener.accept()
-                except socket.timeout:
-                    continue
-                last = time.monotonic()
-                conn.settimeout(300.0)
-                slots.acquire()
-
-                def run(conn=conn):
-                    try:
-                        self.handle(conn)
-                    except Exception:
-                        import traceback
-
-                        sys.stderr.write("tinyweb: CGI worker request failed\n%s" % traceback.format_exc())
-                    finally:
-                        slots.release()
-
-                threading.Thread(target=run, daemon=True).start()
-        finally:
-            # Stop taking requests first, so entries fall back to cold at once.
-            try:
-                if os.stat(self.path).st_ino == inode:  # not a successor's socket
-                    os.unlink(self.path)
-                    os.unlink(self.path + ".pid")
-            except OSError:
-                pass
-            listener.close()
-            for _ in range(MAX_CONNECTIONS):
-                slots.acquire(timeout=30)
-            self.tasks.drain(10.0)
-        return 0
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        sys.stderr.write("usage: python -m tinyweb.runners.persistent APP_FILE SOCKET\n")
-        return 2
-    return Worker(argv[0], argv[1]).serve()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
