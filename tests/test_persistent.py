@@ -405,7 +405,7 @@ def test_first_request_is_cold_then_warm_from_the_same_worker(site):
         assert answer == {"pid": worker, "warm": True, "count": count}
     who = site.get_json("/who")
     assert who["pid"] == worker and who["warm"] is True
-    assert who["mode"] == "cgi" and who["multithread"] is True
+    assert who["mode"] == "cgi" and who["multithread"] is False  # one request at a time
     assert who["helper"] == "helper one"
 
 
@@ -714,8 +714,6 @@ def test_another_apps_request_is_refused_and_the_worker_stays(site):
     assert site.get_json("/who")["pid"] == worker
 
 
-@pytest.mark.xfail(strict=True, reason="the worker runs handlers on threads (MAX_CONNECTIONS), so "
-                   "objects bound to the thread that loaded app.py fail warm though they work cold")
 def test_thread_bound_module_state_works_warm_as_cold(site):
     site.write_app(SITE_APP.replace(
         'VERSION = "one"',
@@ -838,3 +836,23 @@ app.run()'''), encoding="utf-8")
         assert "Traceback" not in server.log_text()
     finally:
         stop_workers(site.app, runtime)
+
+
+def test_a_busy_worker_sends_the_next_entry_cold_at_once(site):
+    # One request at a time in the worker: a second entry is told "busy" and serves its
+    # request itself, at once, instead of queueing behind the slow one.
+    worker = warm_up(site)
+    before = len(site.calls_made())
+    slow = Entry(site, site.environ("/slow"))
+    deadline = time.monotonic() + WAIT
+    while len(site.calls_made()) == before:  # the slow handler is running in the worker
+        assert time.monotonic() < deadline, "the slow handler never started"
+        time.sleep(0.02)
+    started = time.monotonic()
+    other = site.request("/who")
+    assert time.monotonic() - started < 2.5  # not behind the 3 s handler
+    assert other.status == "200 OK"
+    who = json.loads(other.body)
+    assert who["warm"] is False and who["pid"] != worker
+    assert slow.finish().body == b"done"
+    assert site.get_json("/who")["pid"] == worker  # and the worker takes requests again

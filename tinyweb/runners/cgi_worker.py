@@ -9,11 +9,11 @@ import os
 import sys
 
 from tinyweb.runners.persistent import (
+    ANSWER_BUSY,
     ANSWER_RESPONSE,
     ANSWER_STALE,
     GO,
     MAGIC,
-    MAX_CONNECTIONS,
     MAX_REQUESTS,
     TAKEOVER_SECONDS,
     python_stamp,
@@ -227,7 +227,7 @@ class Worker:
             tasks = environ["tinyweb.after_response"] = []
             environ["tinyweb.defer_room"] = self.tasks.room()
             gateway = CGIGateway(_BodyReader(rfile), wfile, sys.stderr, environ)
-            gateway.wsgi_multithread, gateway.run_once = True, False  # one of many, on threads
+            gateway.wsgi_multithread, gateway.run_once = False, False  # one of many, in turn
             gateway.run(self.app)
             try:
                 wfile.flush()
@@ -251,6 +251,7 @@ class Worker:
             conn.close()
 
     def serve(self):
+        import queue
         import signal
         import socket
         import threading
@@ -286,52 +287,78 @@ class Worker:
         with open(self.path + ".pid.new", "w") as f:
             f.write("%d\n" % os.getpid())
         os.replace(self.path + ".pid.new", self.path + ".pid")
-        slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        last = time.monotonic()
-        try:
-            while not self.stale and self.served < MAX_REQUESTS:
-                if self.active:
-                    last = time.monotonic()  # a long request is not idleness
-                elif time.monotonic() - last >= self.idle_seconds:
-                    break
+        # Requests run one at a time on this, the main thread, as they would in `python
+        # app.py`: module state such as an sqlite3 connection is bound to the thread that
+        # made it. While one runs, the accept thread turns entries away at once ("busy"),
+        # and they serve their request cold rather than wait.
+        handoff = queue.Queue(maxsize=1)
+        stopping = threading.Event()
+
+        def accept_loop():
+            while not stopping.is_set():
                 try:
                     conn, _ = listener.accept()
                 except socket.timeout:
                     continue
-                last = time.monotonic()
+                except OSError:
+                    return  # the listener was closed: we are stopping
                 conn.settimeout(300.0)
-                slots.acquire()
                 with self.lock:
-                    self.active += 1
+                    claimed = not self.active
+                    if claimed:
+                        self.active = 1
+                if claimed:
+                    handoff.put(conn)
+                else:
+                    _turn_away(conn)
 
-                def run(conn=conn):
-                    try:
-                        self.handle(conn)
-                    except ConnectionError:
-                        pass  # an entry that gave up, or whose client did: normal
-                    except Exception:
-                        import traceback
+        acceptor = threading.Thread(target=accept_loop, name="tinyweb-accept", daemon=True)
+        acceptor.start()
+        last = time.monotonic()
+        try:
+            while not self.stale and self.served < MAX_REQUESTS:
+                try:
+                    conn = handoff.get(timeout=1.0)
+                except queue.Empty:
+                    if time.monotonic() - last >= self.idle_seconds:
+                        break
+                    continue
+                try:
+                    self.handle(conn)
+                except ConnectionError:
+                    pass  # an entry that gave up, or whose client did: normal
+                except Exception:
+                    import traceback
 
-                        sys.stderr.write("tinyweb: CGI worker request failed\n%s" % traceback.format_exc())
-                        sys.stderr.flush()
-                    finally:
-                        with self.lock:
-                            self.active -= 1
-                        slots.release()
-
-                threading.Thread(target=run, daemon=True).start()
+                    sys.stderr.write("tinyweb: CGI worker request failed\n%s" % traceback.format_exc())
+                    sys.stderr.flush()
+                finally:
+                    last = time.monotonic()
+                    with self.lock:
+                        self.active = 0
         finally:
             # Stop taking requests first, so entries fall back to cold at once; then let a
-            # successor take over while we finish what we took.
+            # successor take over while we finish the deferred tasks we took.
+            stopping.set()
             self.retire()
             listener.close()
             lock.close()
-            deadline = time.monotonic() + 30.0
-            for _ in range(MAX_CONNECTIONS):
-                if not slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                    break
+            acceptor.join(2.0)
+            while not handoff.empty():
+                _turn_away(handoff.get_nowait())
             self.tasks.drain(10.0)
         return 0
+
+
+def _turn_away(conn):
+    """Tell an entry we are busy, so it serves its request cold at once."""
+    try:
+        conn.settimeout(1.0)
+        conn.sendall(ANSWER_BUSY)
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def _take_lock(lock, seconds):

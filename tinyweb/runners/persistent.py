@@ -17,8 +17,9 @@ Safety, each with its guard:
   entry serves the request the ordinary CGI way. Once the request has been sent, a
   worker that dies gives a 502, never a second run of the request.
 
-The worker (cgi_worker.py) runs up to MAX_CONNECTIONS requests at once on threads
-(``wsgi.multithread`` is true), logs to the error log it inherited (under mod_cgid) or to
+The worker (cgi_worker.py) runs one request at a time on its main thread, as `python
+app.py` would (module state such as an sqlite3 connection is bound to its thread); an
+entry that finds it busy is told so at once and serves cold. It logs to the error log it inherited (under mod_cgid) or to
 ``data/worker.log``, and exits after IDLE_SECONDS without a request;
 ``TINYWEB_CGI_WORKER_IDLE`` (seconds, read by the worker when it starts) overrides that.
 """
@@ -32,13 +33,13 @@ __all__ = ["handoff", "socket_path", "spawn_worker"]
 MAGIC = b"TWP1"
 ANSWER_RESPONSE = b"R"
 ANSWER_STALE = b"S"
+ANSWER_BUSY = b"B"
 GO = b"G"
 IDLE_SECONDS = 300.0  # a worker with no request for this long exits
 MAX_REQUESTS = 10000  # then exits too, bounding whatever the app leaks
-MAX_CONNECTIONS = 8   # served at once by one worker (threads)
 CHUNK = 65536
-# The entry's deadlines: to connect and send the request, for the worker's answer (it
-# answers when it has a free slot; a busy worker means a cold request), and for the
+# The entry's deadlines: to connect and send the request, for the worker's answer (at
+# once: a request to run, stale, or busy, which all but the first mean a cold request), and for the
 # worker's silence once it owns the request (Apache's own default Timeout).
 CONNECT_SECONDS = 2.0
 ANSWER_SECONDS = 5.0
