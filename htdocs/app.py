@@ -173,6 +173,8 @@ def about(request):
         "mode": request.environ.get("tinyweb.mode"),
         "python": sys.version.split()[0],
         "loaded": {name: name in sys.modules for name in ("beaker", "flup")},
+        # Under mod_python: whether tinyweb was preloaded (PythonImport) and kept since.
+        "preloaded": getattr(sys.modules.get("tinyweb.runners.modpython"), "preloaded", False),
     }
 
 

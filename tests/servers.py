@@ -690,6 +690,15 @@ _APACHE_HANDLERS: Dict[str, Tuple[Sequence[str], str, str]] = {
         PythonHandler mod_python.cgihandler
         PythonPath "['%(docroot)s', '%(site_packages)s'] + sys.path"
     </Files>"""),
+    # tinyweb preloaded at child start, one PythonImport line (README: Apache mod_python).
+    "modpython-preload": (["python"], """\
+PythonPath "['%(docroot)s', '%(site_packages)s'] + sys.path"
+PythonImport tinyweb.runners.modpython::preload main_interpreter""", """\
+    <Files "app.py">
+        SetHandler mod_python
+        PythonHandler mod_python.cgihandler
+        PythonInterpreter main_interpreter
+    </Files>"""),
     "fcgid": (["fcgid"], """\
 FcgidIPCDir "%(srv)s/fcgid"
 FcgidProcessTableFile "%(srv)s/run/fcgid_shm"
@@ -716,7 +725,7 @@ def start_apache(workdir: Path, docroot: Path, *, mpm: str, handler: str,
     modules, handler_global, handler_dir = _APACHE_HANDLERS[handler]
     loads = [_apache_module("mpm_" + mpm), _apache_module("authz_core"), _apache_module("mime")]
     loads += [_apache_module(m, _MODULE_PACKAGES.get(m, "apache2")) for m in modules]
-    if handler == "modpython" and venv is None:
+    if handler.startswith("modpython") and venv is None:
         raise ValueError("mod_python needs the venv for its PythonPath")
 
     srv = _mkdir(workdir / ("apache-%s-%s" % (mpm, handler)))
@@ -924,6 +933,7 @@ VARIANTS: Dict[str, Tuple[Callable[..., Server], str]] = {
     "event-cgid": (_apache_variant("event", "cgid"), "cgi"),
     "prefork-cgi": (_apache_variant("prefork", "cgi"), "cgi"),
     "prefork-modpython": (_apache_variant("prefork", "modpython"), "modpython"),
+    "prefork-modpython-preload": (_apache_variant("prefork", "modpython-preload"), "modpython"),
     "event-fcgid": (_apache_variant("event", "fcgid"), "fcgi"),
     "nginx-unix": (_nginx_variant("unix"), "fcgi"),
     "nginx-tcp": (_nginx_variant("tcp"), "fcgi"),

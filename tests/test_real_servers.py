@@ -188,6 +188,11 @@ def test_about_names_the_gateway(server):
         assert about["loaded"] == {"beaker": False, "flup": False}
     # Every variant runs Debian's Python (the venv's, or the one mod_python embeds).
     assert about["python"] == system_python_version()
+    # PythonImport's preload survives cgihandler's per-request module purge; nothing else
+    # claims to be preloaded. Several requests, so more than one Apache child answers.
+    preloaded = server.name.endswith("preload")
+    for _ in range(4):
+        assert get(server, "/app.py/about").json()["preloaded"] is preloaded
 
 
 def test_query_words_cannot_steer_the_gateway(server):

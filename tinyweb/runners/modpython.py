@@ -155,3 +155,50 @@ def serve(app, options):
         # as the task must not touch the request anyway.
         start_thread(tasks, sys.stderr)
     return 0
+
+
+# True once preload() ran in this module object: cgihandler's purge would re-import the
+# module, and with it this flag, as False.
+preloaded = False
+
+
+def preload():
+    """Import what requests need, once per Apache child: for PythonImport.
+
+    cgihandler purges, before each request, every module that was not yet loaded when it
+    was first imported (cgihandler.py:44-65), so each request re-imports WebOb and tinyweb.
+    Modules that PythonImport loads at child start are kept:
+
+        PythonImport tinyweb.runners.modpython::preload main_interpreter
+
+    (with ``PythonInterpreter main_interpreter`` where the app is served, and PythonPath
+    at server level). One request through a throwaway app imports exactly what a request
+    imports, whatever that becomes; then the session and crypto modules Beaker picks inside
+    functions.
+    """
+    from wsgiref.util import setup_testing_defaults
+
+    from tinyweb.app import App
+
+    app = App("tinyweb.runners.modpython.preload", secret="-" * 32)
+
+    @app.get("/")
+    def index(request):
+        return {"preloaded": True}
+
+    environ = {"tinyweb.mode": "modpython", "HTTP_ACCEPT_ENCODING": "gzip"}
+    setup_testing_defaults(environ)
+    for _ in app(environ, lambda status, headers, exc_info=None: None):
+        pass
+    import tinyweb.sessions  # noqa: F401
+    import wsgiref.handlers  # noqa: F401
+
+    try:
+        import beaker.crypto
+        import beaker.session  # noqa: F401
+
+        beaker.crypto.get_crypto_module("default")
+    except Exception:  # no crypto backend: sessions still work unencrypted, load on use
+        pass
+    global preloaded
+    preloaded = True
