@@ -92,6 +92,29 @@ def run(app, argv=None, environ=None, is_main=True):
     return gateway(options.mode).serve(app, options)
 
 
+def import_request_modules():
+    """Import what serving a request imports, by one request through a throwaway app.
+
+    For processes that serve many requests: a FastCGI supervisor before it forks (the
+    workers then share these pages), mod_python's preload. Whatever the request path comes
+    to import, this imports too.
+    """
+    from wsgiref.util import setup_testing_defaults
+
+    from tinyweb.app import App
+
+    app = App("tinyweb.runners.import_request_modules", secret="-" * 32)
+
+    @app.get("/")
+    def index(request):
+        return {"warm": True}
+
+    environ = {"HTTP_ACCEPT_ENCODING": "gzip", "tinyweb.after_response": []}
+    setup_testing_defaults(environ)
+    for _ in app(environ, lambda status, headers, exc_info=None: None):
+        pass
+
+
 def gateway(mode):
     """Return the module that serves ``mode``."""
     # __import__ rather than importlib.import_module: importlib's package is one more

@@ -46,6 +46,7 @@ def serve(app, options):
     threads = options.threads or 1
     workers = 1 if options.threads else (options.workers or DEFAULT_WORKERS)
     server, connection_class = _make_server(app, options.bind, threads, multiprocess=workers > 1)
+    _share_before_fork(app)
 
     def worker_main(parent_pid):
         return Worker(server, listener.sock, connection_class, threads, options.max_requests,
@@ -58,6 +59,24 @@ def serve(app, options):
         return supervisor.run()
     finally:
         listener.close()
+
+
+def _share_before_fork(app):
+    """Load what every worker needs in the supervisor, so the workers share those pages."""
+    # Each worker importing WebOb itself cost ~1.3 x a bare WebOb worker's memory
+    # (bench/README.md). gc.freeze() keeps the collector from touching, and so copying,
+    # the shared objects in each worker.
+    from tinyweb.runners import import_request_modules
+
+    import_request_modules()
+    try:
+        app.config  # read tinyweb.ini once; a bad one is reported on each request
+    except Exception:
+        pass
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def _serve_stdin(app, options):
@@ -183,6 +202,7 @@ def _build_connection_class(fb):
             self._write_error = None
             self._closed = False
             self._seen_request = False
+            self._stdin_done = False  # the empty FCGI_STDIN record that ends a body has come
 
         def run(self):
             # flup's run() swallows EOFError and lets everything else kill the caller (prefork
@@ -311,6 +331,11 @@ def _build_connection_class(fb):
                 self._write_error = exc  # a dead peer fails every later write at once
                 raise
 
+        def _do_stdin(self, inrec):
+            if not inrec.contentLength:
+                self._stdin_done = True
+            super()._do_stdin(inrec)
+
         def _cleanupSocket(self):
             # Called by flup's end_request when the web server did not ask to keep the connection.
             self.close()
@@ -326,6 +351,12 @@ def _build_connection_class(fb):
             self._closed = True
             self._keepGoing = False
             if not linger:
+                self._sock.close()
+                return
+            if self._stdin_done and not select.select([self._sock], [], [], 0)[0]:
+                # The body was read to its end and nothing else is waiting: the web server
+                # sends no more, so closing now cannot reset the response. Waiting for its
+                # close held each worker ~20 % of a hello (bench/README.md).
                 self._sock.close()
                 return
             deadline = time.monotonic() + LINGER_TIMEOUT

@@ -172,24 +172,11 @@ def preload():
         PythonImport tinyweb.runners.modpython::preload main_interpreter
 
     (with ``PythonInterpreter main_interpreter`` where the app is served, and PythonPath
-    at server level). One request through a throwaway app imports exactly what a request
-    imports, whatever that becomes; then the session and crypto modules Beaker picks inside
-    functions.
+    at server level). Then the session and crypto modules Beaker picks inside functions.
     """
-    from wsgiref.util import setup_testing_defaults
+    from tinyweb.runners import import_request_modules
 
-    from tinyweb.app import App
-
-    app = App("tinyweb.runners.modpython.preload", secret="-" * 32)
-
-    @app.get("/")
-    def index(request):
-        return {"preloaded": True}
-
-    environ = {"tinyweb.mode": "modpython", "HTTP_ACCEPT_ENCODING": "gzip"}
-    setup_testing_defaults(environ)
-    for _ in app(environ, lambda status, headers, exc_info=None: None):
-        pass
+    import_request_modules()
     import tinyweb.sessions  # noqa: F401
     import wsgiref.handlers  # noqa: F401
 
