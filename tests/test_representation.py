@@ -16,7 +16,9 @@ from webob import exc
 
 from helpers import SECRET, clean_env  # noqa: F401  (clean_env is a fixture)
 from tinyweb import App
+from tinyweb import representation
 from tinyweb.representation import MIN_GZIP_SIZE, accepts_gzip, compressible
+from webob import Request
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -396,3 +398,57 @@ def test_a_streamed_body_is_sent_as_it_comes(app):
     assert r.header("Content-Length") is None
     assert r.header("X-Accel-Buffering") == "no"
     assert call(app, "/page").header("X-Accel-Buffering") is None
+
+
+# --- the cache of compressed bodies ----------------------------------------------------------
+
+
+def _page(text):
+    app = App(__name__, secret="s" * 32)
+
+    @app.get("/")
+    def index(request):
+        return text
+
+    @app.get("/own-etag")
+    def own_etag(request):
+        request.response.etag = "v1"
+        return text
+
+    return app
+
+
+def _gz(app, path="/"):
+    return Request.blank(path, headers={"Accept-Encoding": "gzip"}).get_response(app)
+
+
+def test_a_repeated_page_is_compressed_once(monkeypatch):
+    representation._cache.clear()
+    representation._cached[0] = 0
+    calls = []
+    real = representation.zlib.compressobj
+    monkeypatch.setattr(representation.zlib, "compressobj", lambda *a: calls.append(a) or real(*a))
+    app = _page("<p>cached</p>" * 200)
+    first, second = _gz(app), _gz(app)
+    assert first.body == second.body and gzip.decompress(first.body) == b"<p>cached</p>" * 200
+    assert first.headers["ETag"] == second.headers["ETag"]
+    assert len(calls) == 1
+
+
+def test_a_handler_etag_never_keys_the_cache(monkeypatch):
+    # A handler's own ETag need not change with the body: two bodies, one ETag, two results.
+    representation._cache.clear()
+    representation._cached[0] = 0
+    one, two = _gz(_page("a" * 3000), "/own-etag"), _gz(_page("b" * 3000), "/own-etag")
+    assert gzip.decompress(one.body) == b"a" * 3000 and gzip.decompress(two.body) == b"b" * 3000
+    assert representation._cache == {}
+
+
+def test_the_cache_is_bounded(monkeypatch):
+    representation._cache.clear()
+    representation._cached[0] = 0
+    monkeypatch.setattr(representation, "CACHE_BYTES", 20000)
+    for n in range(40):
+        _gz(_page("".join("<p>%d %d</p>" % (n, i) for i in range(300))))
+    assert 10000 < sum(len(v) for v in representation._cache.values()) <= 20000
+    assert representation._cached[0] == sum(len(v) for v in representation._cache.values())

@@ -9,9 +9,15 @@ import zlib
 
 __all__ = ["finish", "accepts_gzip", "compressible", "GZIP_LEVEL", "MIN_GZIP_SIZE"]
 
-# Chosen from bench/gzip.py (bench/README.md): level 6 costs little more than level 1 on a
-# 20 KB page and gives most of level 9's size.
-GZIP_LEVEL = 6
+# Chosen from bench/gzip.py (bench/README.md): on a 20 KB page level 6 takes 3x level 1's
+# time (249 against 84 us) to save 3 % of the page; nginx's gzip_comp_level defaults to 1 too.
+GZIP_LEVEL = 1
+# Compressed bodies kept per process, by the ETag computed from the identity body: under
+# FastCGI (or preloaded mod_python) a repeated page then costs what an identity one does
+# (bench/README.md). Bounded in bytes; useless, and harmless, in a one-request CGI process.
+CACHE_BYTES = 1 << 20
+_cache = {}  # (identity md5, level) -> gzip bytes, oldest first
+_cached = [0]  # bytes held; a list so it updates in place
 # Below this, gzip's 18-byte frame and the CPU are not worth it (and the body fits a packet).
 MIN_GZIP_SIZE = 1024
 
@@ -85,6 +91,27 @@ def _variant_etag(etag, suffix):
     return '"%s%s"' % (etag.replace('"', ""), suffix)  # an unquoted ETag a handler set
 
 
+def _gzip(body, digest):
+    """Return ``body`` gzipped, from the cache when ``digest`` (our md5 of it) is there."""
+    # Only our own digest keys the cache: a handler's ETag need not change with the body.
+    key = (digest, GZIP_LEVEL) if digest else None
+    data = _cache.get(key) if key else None
+    if data is None:
+        compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip framing
+        data = compressor.compress(body) + compressor.flush()
+        if key and len(data) <= CACHE_BYTES // 8:
+            _cache[key] = data
+            _cached[0] += len(data)
+            # Single dict operations (atomic under the GIL), so --threads needs no lock; the
+            # byte count may drift a little there, which only loosens the bound.
+            while _cached[0] > CACHE_BYTES:
+                try:
+                    _cached[0] -= len(_cache.pop(next(iter(_cache))))
+                except (StopIteration, KeyError, RuntimeError):
+                    break
+    return data
+
+
 def finish(request, response):
     """Add an ETag and gzip to a whole 200 response; leave streamed and error responses."""
     if response.status_code != 200 or not _whole(response):
@@ -94,11 +121,12 @@ def finish(request, response):
     body = response.body
     headers = response.headers
     encoded = "Content-Encoding" in headers
+    digest = None
     if response.etag is None:
         # Strong validator from the identity body; the gzip variant gets its own below.
         # usedforsecurity=False: a FIPS-mode OpenSSL refuses md5 otherwise, and every page would
         # be a 500; this hash only tells versions apart.
-        response.etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        digest = response.etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
     if (
         not encoded
         and getattr(response, "compress", True)
@@ -108,8 +136,7 @@ def finish(request, response):
         # The encoding now depends on the request, compressed or not: caches must know.
         _add_vary(response, "Accept-Encoding")
         if accepts_gzip(request.environ.get("HTTP_ACCEPT_ENCODING")):
-            compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip framing
-            response.body = compressor.compress(body) + compressor.flush()
+            response.body = _gzip(body, digest)
             headers["Content-Encoding"] = "gzip"
             # A different representation needs its own ETag (RFC 9110 §8.8.3).
             headers["ETag"] = _variant_etag(headers["ETag"], "-gzip")
