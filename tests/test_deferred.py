@@ -424,7 +424,7 @@ def test_cgi_tasks_that_cannot_be_detached_are_not_lost_silently(cgi_site, tmp_p
     marker = tmp_path / "report.json"
     out, err, _, _ = run_to_eof(cgi_site, "/defer", {"path": marker}, TEST_FAIL_SECOND_FORK="1")
     assert split_cgi(out)[0] == "200 OK"
-    assert b"tinyweb: deferred tasks not run\nTraceback" in err
+    assert b"tinyweb: deferred tasks not started\nTraceback" in err
     assert b"BlockingIOError: [Errno 11] Resource temporarily unavailable" in err
     assert not marker.exists() and not (tmp_path / "report.json.pid").exists()
 

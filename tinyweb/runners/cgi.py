@@ -139,41 +139,13 @@ def _task_log(app, name="deferred.log", what="a failing deferred task"):
 
 
 def run_detached(tasks, app):
-    """Run ``tasks`` in a grandchild that holds none of the web server's pipes; return at once.
+    """Run ``tasks`` in a detached grandchild (see detach.py); return at once."""
+    from tinyweb.runners.detach import detach
 
-    The web server reads the response until every holder of our stdout (and, under mod_cgi,
-    stderr) has closed it: a child that merely inherits them keeps the browser waiting
-    until the task ends. So: flush, fork, setsid, fork again, and in the grandchild point
-    fds 0, 1 and 2 at /dev/null or a log (dup2, which closes the inherited ones; closing
-    sys.stdout alone would leave fd 1 open).
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    log_fd = _task_log(app)
-    pid = os.fork()
-    if pid:
-        os.close(log_fd)
-        os.waitpid(pid, 0)  # the middle child exits at once
+    if not detach(_task_log(app), "deferred tasks"):
         return
     try:
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
-        os.dup2(log_fd, 2)
-        os.close(null)
-        os.close(log_fd)
-        sys.stdout = sys.stderr
         run_tasks(tasks)
-    except BaseException:
-        # Say why the tasks are lost (the second fork fails with EAGAIN at the process limit)
-        # on fd 2, still the error log here, rather than vanish through os._exit.
-        import traceback
-
-        text = "tinyweb: deferred tasks not run\n%s" % traceback.format_exc()
-        os.write(2, text.encode("utf-8", "replace"))
     finally:
         os._exit(0)  # never unwind into the caller's code: this is not the request process
 

@@ -272,31 +272,11 @@ def spawn_worker(app_file, log_fd=None):
         if log_fd is not None:
             os.close(log_fd)
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        if log_fd is not None:
-            os.close(log_fd)
-        os.waitpid(pid, 0)
+    from tinyweb.runners.detach import detach, error_log_fd
+
+    if not detach(error_log_fd() if log_fd is None else log_fd, "the CGI worker"):
         return
     try:
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
-        # Under mod_cgi fd 2 is a pipe Apache reads to EOF: a worker holding it would keep
-        # the response open (notes/servers.md §2).
-        import stat as _stat
-
-        if log_fd is not None:
-            os.dup2(log_fd, 2)
-            os.close(log_fd)
-        elif not _stat.S_ISREG(os.fstat(2).st_mode):
-            os.dup2(null, 2)
-        os.close(null)
         env = {k: v for k, v in os.environ.items()
                if k.startswith("TINYWEB_") or k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "HOME")}
         app_dir = os.path.dirname(os.path.realpath(app_file))
