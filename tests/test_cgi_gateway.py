@@ -55,12 +55,61 @@ def boom(request):
 
 @app.get("/stdlib")
 def stdlib(request):
-    loaded = "urllib.request" in sys.modules
+    # Imported by WebOb or Beaker, but not used by a hello or a session read and write.
+    deferred = ["urllib.request", "email.utils", "calendar", "cgi", "tempfile", "mimetypes", "json",
+                "html", "importlib.metadata", "inspect", "traceback", "socket"]
+    result = {}
+    if "session" in request.GET:
+        request.session["seen"] = result["seen"] = request.session.get("seen", 0) + 1
+    # Stand-ins must be gone once WebOb and Beaker are imported: only real modules left.
+    result["stand_ins"] = sorted(name for name, module in list(sys.modules.items())
+                                 if type(module).__name__ == "_StandIn")
+    result["loaded"] = sorted(name for name in deferred if name in sys.modules)
+    return result
+
+
+@app.get("/stdlib/works")
+def stdlib_works(request):
+    # What WebOb and Beaker bound from the deferred modules still works when called.
+    import datetime
     import webob.compat
+    import webob.datetime_utils
+    import webob.request
+    import beaker.cache
+    import beaker.util
 
     with webob.compat.url_open("file://" + os.path.abspath(__file__)) as f:
-        works = b"app.run()" in f.read()
-    return {"urllib_request_loaded": loaded, "url_open_works": works}
+        url_open = b"app.run()" in f.read()
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    return {
+        "url_open": url_open,
+        "date": webob.datetime_utils.serialize_date(when),
+        "parsed": webob.datetime_utils.parse_date("Fri, 02 Jan 2026 03:04:05 GMT") == when,
+        "parse_header": list(webob.compat.parse_header("text/plain; charset=latin-1")),
+        "json": webob.request.json.dumps([1, "é"]),
+        "escape": webob.compat.escape("<&>"),
+        "tempfile": webob.request.tempfile.TemporaryFile is not None,
+        "signature": list(beaker.util.func_signature(lambda a, b=1: None).parameters),
+        "entry_points": beaker.cache.importlib.metadata.entry_points(group="tinyweb-none") == (),
+    }
+
+
+@app.route("/upload", methods=["POST"])
+def upload(request):
+    import hashlib
+
+    upload = request.POST["file"]
+    return {"note": request.POST["note"], "name": upload.filename,
+            "sha256": hashlib.sha256(upload.file.read()).hexdigest(),
+            "field_storage": [k.__module__ + "." + k.__name__ for k in type(upload).__mro__]}
+
+
+@app.get("/dated")
+def dated(request):
+    import datetime
+
+    request.response.last_modified = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    return "dated"
 
 
 app.run()
@@ -258,8 +307,71 @@ def test_body_shorter_than_content_length_does_not_hang(site):
     assert split_cgi(out.stdout)[0] == "400 Bad Request"
 
 
-def test_webob_loads_without_urllib_request_until_it_is_used(site):
-    # The CGI gateway defers urllib.request (and http.client, ssl) that WebOb binds at
-    # import but a request does not use; WebOb's url_open still works when called.
+def test_cgi_hello_loads_none_of_the_deferred_stdlib_modules(site):
+    # The one-shot CGI process defers stdlib modules WebOb and Beaker bind at import but a
+    # request does not use (runners/oneshot.py): none is loaded by a hello, no stand-in is
+    # left in sys.modules once the imports are done.
     out = run_site(site, site_env("/stdlib"))
-    assert json.loads(split_cgi(out.stdout)[2]) == {"urllib_request_loaded": False, "url_open_works": True}
+    assert json.loads(split_cgi(out.stdout)[2]) == {"loaded": [], "stand_ins": []}
+    assert out.stderr == b""
+
+
+def test_cgi_session_loads_none_of_beakers_deferred_modules(site):
+    # Sessions are stored as JSON, so json is the one deferred module a session loads.
+    out = run_site(site, site_env("/stdlib", QUERY_STRING="session"))
+    status, headers, body = split_cgi(out.stdout)
+    assert status == "200 OK"
+    assert json.loads(body) == {"seen": 1, "loaded": ["json"], "stand_ins": []}
+    cookie = dict(headers)["Set-Cookie"].split(";")[0]
+    # A second request reads the stored session and writes it again.
+    out = run_site(site, site_env("/stdlib", QUERY_STRING="session", HTTP_COOKIE=cookie))
+    assert json.loads(split_cgi(out.stdout)[2]) == {"seen": 2, "loaded": ["json"], "stand_ins": []}
+    assert out.stderr == b""
+
+
+def test_deferred_stdlib_functions_still_work_under_cgi(site):
+    out = run_site(site, site_env("/stdlib/works"))
+    assert json.loads(split_cgi(out.stdout)[2]) == {
+        "url_open": True,
+        "date": "Fri, 02 Jan 2026 03:04:05 GMT",
+        "parsed": True,
+        "parse_header": ["text/plain", {"charset": "latin-1"}],
+        "json": '[1, "\\u00e9"]',
+        "escape": "&lt;&amp;&gt;",
+        "tempfile": True,
+        "signature": ["a", "b"],
+        "entry_points": True,
+    }
+    assert out.stderr == b""
+
+
+def test_multipart_upload_under_cgi(site):
+    # WebOb subclasses cgi.FieldStorage at import; in the one-shot process its base is put
+    # in place when the first form is parsed.
+    content = bytes(range(256)) * 3
+    boundary = "----tinyweb7d8a"
+    body = (
+        "--%s\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nzoë\r\n"
+        "--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"all.bin\"\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n" % (boundary, boundary)
+    ).encode("utf-8") + content + ("\r\n--%s--\r\n" % boundary).encode()
+    out = run_site(site, site_env("/upload", REQUEST_METHOD="POST", CONTENT_LENGTH=str(len(body)),
+                                  CONTENT_TYPE="multipart/form-data; boundary=%s" % boundary), body)
+    status, _, page = split_cgi(out.stdout)
+    assert status == "200 OK"
+    result = json.loads(page)
+    assert result["note"] == "zoë"
+    assert result["name"] == "all.bin"
+    assert result["sha256"] == hashlib.sha256(content).hexdigest()
+    assert "cgi.FieldStorage" in result["field_storage"]
+
+
+def test_last_modified_and_if_modified_since_under_cgi(site):
+    status, headers, body = split_cgi(run_site(site, site_env("/dated")).stdout)
+    assert (status, body) == ("200 OK", b"dated")
+    assert ("Last-Modified", "Fri, 02 Jan 2026 03:04:05 GMT") in headers
+    out = run_site(site, site_env("/dated", HTTP_IF_MODIFIED_SINCE="Fri, 02 Jan 2026 03:04:05 GMT"))
+    status, headers, body = split_cgi(out.stdout)
+    assert (status, body) == ("304 Not Modified", b"")
+    out = run_site(site, site_env("/dated", HTTP_IF_MODIFIED_SINCE="Thu, 01 Jan 2026 00:00:00 GMT"))
+    assert split_cgi(out.stdout)[::2] == ("200 OK", b"dated")

@@ -1,7 +1,5 @@
 """Turn what a handler returns into a response, and build the 500 page."""
 
-import html
-import json
 import re
 
 import webob
@@ -38,6 +36,8 @@ def _set_body(response, value, handler):
             response.content_type = _OCTETS
         response.body = bytes(value)
     elif isinstance(value, (dict, list)):
+        import json  # here, not at the top: a CGI hello never loads it (runners/oneshot.py)
+
         if response.content_type is None:
             response.content_type = _JSON
         response.body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -142,6 +142,8 @@ _ERROR = """<!DOCTYPE html>
 
 def error_page(traceback_text=None, request_id=None):
     """Return a 500 response; the traceback is shown only when given (debug on)."""
+    import html
+
     detail = "<pre>%s</pre>\n" % html.escape(traceback_text) if traceback_text else ""
     ref = " as error %s" % html.escape(request_id) if request_id else ""
     response = webob.Response(status=500, content_type=_HTML, charset="utf-8")

@@ -3,7 +3,6 @@
 Beaker is imported only here, and only when a handler first touches ``request.session``.
 """
 
-import json
 import os
 import re
 
@@ -33,6 +32,8 @@ def _cookie_value(header, name):
 
 
 def _snapshot(session):
+    import json  # here, not at the top: every request imports this module for its errors
+
     data = {k: v for k, v in session.items() if k != "_accessed_time"}
     try:
         return json.dumps(data, sort_keys=True, default=repr)
@@ -118,6 +119,8 @@ def save_session(session, response):
     beaker_request, first_id, first, first_cookie = session._tinyweb
     if session.id == first_id and _snapshot(session) == first:
         return
+    import json
+
     # Checked before save(): Beaker opens the store file for replacing before it serialises,
     # so a value JSON refuses would leave the stored session emptied.
     for key, value in session.items():

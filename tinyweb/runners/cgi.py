@@ -152,9 +152,9 @@ def run_detached(tasks, app):
 
 def serve(app, options):
     """Answer the one request this process was started for; return 0."""
-    from tinyweb.runners.oneshot import import_webob
+    from tinyweb.runners import oneshot
 
-    import_webob()
+    oneshot.install()
     environ = cgi_environ("cgi")
     tasks = environ["tinyweb.after_response"] = []
     environ["tinyweb.defer_room"] = MAX_PENDING
