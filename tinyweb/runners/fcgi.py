@@ -29,6 +29,11 @@ WRITE_TIMEOUT = 300.0
 LINGER_TIMEOUT = 2.0
 # Bytes of FCGI_PARAMS accepted for one request; web servers send a few KiB.
 MAX_PARAMS = 1 << 20
+# A whole body's records (headers and body) wait for FCGI_END_REQUEST and go in one send, up
+# to this much; a longer body is sent as it is written.
+HOLD_LIMIT = 64 * 1024
+# Set in the environ when the app returned a list: the whole body exists, nothing streams.
+_WHOLE = "tinyweb.fcgi.whole_body"
 # notes/performance.md: prefork with 2 single-threaded workers was fastest on 2 cores.
 DEFAULT_WORKERS = 2
 
@@ -145,6 +150,18 @@ def _decode_pairs(data):
     return pairs
 
 
+def _marking_whole_bodies(app):
+    """Wrap ``app`` to mark the environ when it returns a list: a body with nothing to stream."""
+
+    def application(environ, start_response):
+        body = app(environ, start_response)
+        if type(body) is list:
+            environ[_WHOLE] = True
+        return body
+
+    return application
+
+
 def _make_server(app, bind, threads, multiprocess):
     """Return the flup server that turns requests into WSGI calls, and the connection class."""
     server_class, connection_class = _flup_classes()
@@ -191,6 +208,9 @@ def _build_classes():
     class GatewayServer(fb.BaseFCGIServer):
         request_class = GatewayRequest
 
+        def __init__(self, application, **kwargs):
+            super().__init__(_marking_whole_bodies(application), **kwargs)
+
         def handler(self, req):
             req.params["tinyweb.mode"] = "fcgi"
             req.params["tinyweb.after_response"] = []
@@ -209,6 +229,7 @@ def _build_connection_class(fb):
             self.worker = worker
             self._buffer = bytearray()
             self._held = []
+            self._held_size = 0
             self._write_error = None
             self._closed = False
             self._seen_request = False
@@ -315,19 +336,23 @@ def _build_connection_class(fb):
 
         def writeRecord(self, rec):
             # One send per record (flup sends header, content and padding apart); the empty
-            # records that end STDOUT/STDERR travel with FCGI_END_REQUEST, which follows them.
+            # records that end STDOUT/STDERR travel with FCGI_END_REQUEST, which follows them,
+            # and so do a whole body's (flup writes its headers and body apart): one send for
+            # a whole response, where streaming needs each chunk sent as it comes.
             if self._write_error is not None:
                 raise self._write_error
             data = rec.contentData
             padding = -len(data) & 7
             out = struct.pack(fb.FCGI_Header, 1, rec.type, rec.requestId, len(data), padding)
             out += data + bytes(padding)
-            if not data and rec.type in (fb.FCGI_STDOUT, fb.FCGI_STDERR):
+            if rec.type in (fb.FCGI_STDOUT, fb.FCGI_STDERR) and (not data or self._holding(rec)):
                 self._held.append(out)
+                self._held_size += len(out)
                 return
             if self._held:
                 out = b"".join(self._held) + out
                 self._held = []
+                self._held_size = 0
             try:
                 self._sock.settimeout(WRITE_TIMEOUT)
                 self._sock.sendall(out)
@@ -339,6 +364,12 @@ def _build_connection_class(fb):
             except OSError as exc:
                 self._write_error = exc  # a dead peer fails every later write at once
                 raise
+
+        def _holding(self, rec):
+            if rec.type != fb.FCGI_STDOUT or self._held_size + len(rec.contentData) > HOLD_LIMIT:
+                return False
+            req = self._requests.get(rec.requestId)
+            return req is not None and req.params.get(_WHOLE, False)
 
         def _do_stdin(self, inrec):
             if not inrec.contentLength:
