@@ -1,4 +1,7 @@
-"""The request a handler gets: a webob.Request with the app's response, session and url_for."""
+"""The request a handler gets: a webob.Request with the app's response, session and url_for.
+
+Its query string and form body are checked against limits (forms.py) before WebOb parses them.
+"""
 
 from urllib.parse import quote
 
@@ -6,11 +9,19 @@ import webob
 from webob import exc
 from webob.request import DisconnectionError
 
+from tinyweb import forms
+from tinyweb.forms import MAX_FIELDS
+
 __all__ = ["Request", "Response"]
 
 # What WebOb and the stdlib parsers raise on hostile or broken input (notes/dependencies.md
-# §1.2): these are the client's fault and become a 400, never a 500.
-_BAD_INPUT = (UnicodeError, LookupError, ValueError, DeprecationWarning, IOError)
+# §1.2): these are the client's fault and become a 400, never a 500. Not OSError at large:
+# EMFILE or ENOSPC while a form is spooled is the server's fault, a 500 with its traceback.
+_BAD_INPUT = (UnicodeError, LookupError, ValueError, DeprecationWarning)
+# The client hung up before the body it announced was read (a DisconnectionError is an IOError).
+_BODY_CUT = (DisconnectionError, ConnectionError)
+_BODY_CUT_MESSAGE = "The request body ended before its Content-Length."
+
 
 
 class Response(webob.Response):
@@ -70,6 +81,12 @@ class Request(webob.Request):
 
     @property
     def GET(self):
+        """The query string's fields; 400 when it is not UTF-8, 414 past MAX_FIELDS."""
+        query = self.environ.get("QUERY_STRING", "")
+        # WebOb splits the query on "&" and ";" (webob/compat.py parse_qsl_text); the same
+        # upper bound as parse_qsl's max_num_fields, which counts the separators.
+        if query.count("&") + query.count(";") >= MAX_FIELDS:
+            raise exc.HTTPRequestURITooLong("The query string has more than %d fields." % MAX_FIELDS)
         try:
             return webob.Request.GET.fget(self)
         except _BAD_INPUT:
@@ -77,12 +94,55 @@ class Request(webob.Request):
 
     @property
     def POST(self):
+        """The form fields of the body; 400 when it is malformed, 413 past the form limits."""
+        parsed = self.environ.get("webob._parsed_post_vars")
+        if parsed is not None and parsed[1] is self.body_file_raw:
+            return parsed[0]  # parsed, and checked, before (webob/request.py POST)
         try:
-            return webob.Request.POST.fget(self)
+            syntax = self._check_form()
+            form = webob.Request.POST.fget(self)
+            if syntax == forms.URLENCODED and forms.replaced(form):
+                forms.check_utf8_urlencoded(self.body)
         except exc.HTTPException:
             raise
+        except _BODY_CUT:
+            raise exc.HTTPBadRequest(_BODY_CUT_MESSAGE)
         except _BAD_INPUT:
             raise exc.HTTPBadRequest("The request body is malformed or not in the declared encoding.")
+        return form
+
+    def _check_form(self):
+        """Refuse a form body WebOb is about to parse when it is over a limit or would be misread.
+
+        Return the syntax cgi.FieldStorage will read the body in (None: it reads no body).
+        """
+        content_type = self.content_type
+        # The bodies webob.Request.POST hands to cgi.FieldStorage, which reads none for GET
+        # and HEAD (it parses QUERY_STRING, which WebOb empties, instead).
+        if content_type not in ("", forms.URLENCODED, forms.MULTIPART):
+            return None
+        if self.method != "POST" and not content_type:
+            return None
+        if self.charset != "UTF-8":
+            # WebOb raises DeprecationWarning here (Request._check_charset).
+            raise exc.HTTPBadRequest("Forms are accepted in UTF-8 only.")
+        if self.method in ("GET", "HEAD"):
+            return None
+        if content_type != forms.MULTIPART:
+            # cgi.FieldStorage splits on "&" only (parse_qsl's separator); an empty type is
+            # read as urlencoded too when CONTENT_TYPE is missing.
+            if self.body.count(b"&") >= MAX_FIELDS:
+                raise exc.HTTPRequestEntityTooLarge("The form has more than %d fields." % MAX_FIELDS)
+            return forms.URLENCODED
+        boundary = forms.boundary(self.environ.get("CONTENT_TYPE", ""))
+        self.make_body_seekable()
+        data = forms.mapped(self.body_file_raw, self.content_length or 0)
+        try:
+            forms.check_multipart(data, boundary)
+        finally:
+            if not isinstance(data, bytes):
+                data.close()
+        return forms.MULTIPART
 
     params = property(lambda self: webob.multidict.NestedMultiDict(self.GET, self.POST))
 
@@ -90,9 +150,9 @@ class Request(webob.Request):
     def body(self):
         try:
             return webob.Request.body.fget(self)
-        except DisconnectionError:
+        except _BODY_CUT:
             # Content-Length promised more than the client sent before it hung up.
-            raise exc.HTTPBadRequest("The request body ended before its Content-Length.")
+            raise exc.HTTPBadRequest(_BODY_CUT_MESSAGE)
 
     @body.setter
     def body(self, value):
