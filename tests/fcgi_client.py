@@ -54,18 +54,25 @@ def begin_request(request_id: int = 1, role: int = RESPONDER, flags: int = 0) ->
     return record(BEGIN_REQUEST, request_id, struct.pack("!HB5x", role, flags))
 
 
-def stream(rtype: int, request_id: int, data: bytes, chunk: int = 65535) -> bytes:
+def stream(rtype: int, request_id: int, data: bytes, chunk: int = 65535,
+           padding: Optional[int] = None) -> bytes:
     """Encode a stream as records of at most ``chunk`` bytes, then its empty end record."""
-    parts = [record(rtype, request_id, data[i:i + chunk]) for i in range(0, len(data), chunk)]
-    return b"".join(parts) + record(rtype, request_id)
+    parts = [record(rtype, request_id, data[i:i + chunk], padding=padding)
+             for i in range(0, len(data), chunk)]
+    return b"".join(parts) + record(rtype, request_id, padding=padding)
 
 
 def request(params: Mapping[str, Union[str, bytes]], stdin: bytes = b"", request_id: int = 1,
-            keep_conn: bool = False, role: int = RESPONDER, chunk: int = 65535) -> bytes:
+            keep_conn: bool = False, role: int = RESPONDER, chunk: int = 65535,
+            padding: Optional[int] = None) -> bytes:
     """Encode a whole request: BEGIN_REQUEST, the PARAMS stream, the STDIN stream."""
     return (begin_request(request_id, role, KEEP_CONN if keep_conn else 0)
-            + stream(PARAMS, request_id, pairs(params), chunk)
-            + stream(STDIN, request_id, stdin, chunk))
+            + stream(PARAMS, request_id, pairs(params), chunk, padding)
+            + stream(STDIN, request_id, stdin, chunk, padding))
+
+
+def abort_request(request_id: int = 1) -> bytes:
+    return record(ABORT_REQUEST, request_id)
 
 
 def cgi_params(method: str = "GET", path: str = "/", query: str = "", body: bytes = b"",
@@ -247,11 +254,22 @@ class Client:
 
     def request(self, method: str = "GET", path: str = "/", query: str = "", body: bytes = b"",
                 content_type: str = "", keep_conn: bool = False, chunk: int = 65535,
-                params: Optional[Mapping[str, str]] = None) -> Response:
+                params: Optional[Mapping[str, str]] = None,
+                padding: Optional[int] = None) -> Response:
         all_params = cgi_params(method, path, query, body, content_type)
         all_params.update(params or {})
-        self.send(request(all_params, body, keep_conn=keep_conn, chunk=chunk))
+        self.send(request(all_params, body, keep_conn=keep_conn, chunk=chunk, padding=padding))
         return self.read_response()
+
+    def read_stdout_until(self, marker: bytes, deadline: float) -> bytes:
+        """Read STDOUT records until their data holds ``marker``; return that data."""
+        data = b""
+        while marker not in data:
+            rec = self.next_record(deadline)
+            if rec.type != STDOUT:
+                raise ProtocolError("record type %d before %r came" % (rec.type, marker))
+            data += rec.content
+        return data
 
     def read_until_closed(self) -> bytes:
         """Return what the server sends before it closes the connection (a reset counts as closed)."""

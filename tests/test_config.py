@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import SECRET, Client, clean_env  # noqa: F401  (clean_env is a fixture)
-from tinyweb.config import DEFAULT_MAX_BODY, ConfigError, load_config
+from tinyweb.config import DEFAULT_MAX_BODY, DEFAULT_REQUEST_TIMEOUT, ConfigError, load_config
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -33,7 +33,7 @@ def site(tmp_path):
     (root / "tinyweb.ini").write_text(
         "[tinyweb]\nsecret = %s\ndebug = yes\nmax_body = 2048\n"
         "allowed_hosts = Example.com, www.example.com\n"
-        "data_dir = var/data\n[session]\ntimeout = 600\n" % SECRET
+        "data_dir = var/data\nrequest_timeout = 2.5\n[session]\ntimeout = 600\n" % SECRET
     )
     return root
 
@@ -69,6 +69,7 @@ def test_ini_beside_htdocs_is_read(site):
     assert config.max_body == 2048
     assert config.allowed_hosts == ["example.com", "www.example.com"]
     assert config.data_dir == site / "var" / "data"
+    assert config.request_timeout == 2.5
     assert config.session == {"timeout": "600"}
 
 
@@ -95,15 +96,18 @@ def test_tinyweb_config_names_another_file(site, tmp_path):
     assert config.secret == "another-secret-of-some-length"
     assert config.debug is False
     assert config.max_body == DEFAULT_MAX_BODY
+    assert config.request_timeout == DEFAULT_REQUEST_TIMEOUT == 30
     assert config.data_dir == site / "data"
 
 
 def test_app_arguments_win_over_the_file(site):
     config = load_config(str(site / "htdocs" / "app.py"),
                          {"debug": False, "max_body": 10, "secret": "s" * 20, "data_dir": "/srv/d",
-                          "allowed_hosts": "a.example", "session": {"type": "ext:redis"}},
+                          "allowed_hosts": "a.example", "session": {"type": "ext:redis"},
+                          "request_timeout": 0},
                          environ={})
     assert (config.debug, config.max_body, config.secret) == (False, 10, "s" * 20)
+    assert config.request_timeout == 0
     assert config.data_dir == Path("/srv/d")
     assert config.allowed_hosts == ["a.example"]
     assert config.session == {"timeout": "600", "type": "ext:redis"}
@@ -170,6 +174,11 @@ def test_missing_file_with_a_secret_argument_does_not_warn(tmp_path):
     ("max_body = lots", "max_body"),
     ("max_body = -1", "max_body"),
     ("max_body = 10M", "max_body"),
+    ("request_timeout = 60s", "request_timeout"),
+    ("request_timeout = -1", "request_timeout"),
+    ("request_timeout = inf", "request_timeout"),
+    ("request_timeout = nan", "request_timeout"),
+    ("request_timeout =", "request_timeout"),
 ])
 def test_bad_values_name_the_file_and_key(tmp_path, line, key):
     ini = tmp_path / "tinyweb.ini"
@@ -198,6 +207,8 @@ def test_unreadable_file_is_a_config_error_naming_it(tmp_path, text):
 def test_bad_app_arguments(tmp_path):
     with pytest.raises(ConfigError, match="App\\(...\\): max_body = 'big'"):
         load_config(str(tmp_path / "htdocs" / "app.py"), {"max_body": "big"}, environ={})
+    with pytest.raises(ConfigError, match="App\\(...\\): request_timeout = True is not a number of seconds"):
+        load_config(str(tmp_path / "htdocs" / "app.py"), {"request_timeout": True}, environ={})
     with pytest.raises(ConfigError, match="unknown setting 'secrett'"):
         load_config(str(tmp_path / "htdocs" / "app.py"), {"secrett": "x"}, environ={})
 

@@ -1,8 +1,9 @@
 """The FastCGI gateway, run in real processes: an app file started with ``--mode fcgi``.
 
-Each test writes a plain WSGI app (no tinyweb core), starts it in its own session, waits for
-its socket with a deadline, talks FastCGI to it with ``fcgi_client`` and stops it by process
-group. Nothing here waits without a deadline.
+Each test writes a plain WSGI app (no tinyweb core; one test checks what an abort leaves in
+the log of a tinyweb.App), starts it in its own session, waits for its socket with a deadline,
+talks FastCGI to it with ``fcgi_client`` and stops it by process group. Nothing here waits
+without a deadline.
 """
 
 import grp
@@ -11,6 +12,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -27,11 +29,11 @@ STOP_TIMEOUT = 15.0
 APP = r'''
 import json, os, sys, time
 
-import tinyweb.runners.fcgi as fcgi
+import tinyweb.runners.fcgi_connection as fcgi_connection
 import tinyweb.runners.prefork as prefork
 
 # Knobs for the tests: shorter timeouts than production.
-fcgi.READ_TIMEOUT = float(os.environ.get("TEST_READ_TIMEOUT", fcgi.READ_TIMEOUT))
+fcgi_connection.READ_TIMEOUT = float(os.environ.get("TEST_READ_TIMEOUT", fcgi_connection.READ_TIMEOUT))
 prefork.SHUTDOWN_GRACE = float(os.environ.get("TEST_GRACE", prefork.SHUTDOWN_GRACE))
 
 from tinyweb.runners import run
@@ -77,10 +79,47 @@ def app(environ, start_response):
         raise RuntimeError("boom on purpose")
     elif path == "/crash":
         os._exit(3)
+    elif path == "/record":  # the file named by the query gets a line each time the app runs
+        with open(query, "a") as f:
+            f.write("ran\n")
+        out = b"recorded"
+    elif path == "/slowbody":  # reads its body; says in the file named by the query how it went
+        note(query, "reading")
+        try:
+            body = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+        except Exception as exc:
+            kind = "ConnectionAbortedError" if isinstance(exc, ConnectionAbortedError) else type(exc).__name__
+            note(query, "raised %s: %s" % (kind, exc))
+            raise
+        out = b"read %d" % len(body)
+    elif path == "/readall":  # reads wsgi.input to its end, whatever CONTENT_LENGTH says
+        out = b"read %d" % len(environ["wsgi.input"].read())
+    elif path == "/stream":
+        start_response("200 OK", [("Content-Type", ctype)])
+        return stream(query)
     else:
         out = b"hello"
     start_response("200 OK", [("Content-Type", ctype), ("X-Path", path)])
     return [out]
+
+
+def note(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def stream(folder):
+    """Yield "first", wait (up to 10 s) for the file go in ``folder``, then yield forever."""
+    try:
+        yield b"first\n"
+        deadline = time.monotonic() + 10
+        while not os.path.exists(os.path.join(folder, "go")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        while True:
+            yield b"more\n" * 20
+            time.sleep(0.01)
+    finally:  # close() ran: GeneratorExit
+        note(os.path.join(folder, "closed"), "closed")
 
 
 sys.exit(run(app))
@@ -302,10 +341,21 @@ def test_records_split_byte_by_byte_and_keep_conn(start, sock_path):
     start("--workers", "1", "--bind", sock_path, address=sock_path)
     body = b"a=1&b=\xff\x00"
     with fc.Client(sock_path) as client:
-        for chunk in (1, 3, 65535):
+        # Records of 1 and 3 bytes (a name-value pair split across PARAMS records), of 64 KiB,
+        # and with the most padding a record can have.
+        for chunk, padding in ((1, None), (3, 255), (65535, None), (65535, 255)):
             r = client.request("POST", "/echo", body=body, content_type="x/y", keep_conn=True,
-                               chunk=chunk)
+                               chunk=chunk, padding=padding)
             assert (r.status, r.body) == (200, b"POST x/y 8\n" + body)
+        big = bytes(range(256)) * 600  # 150 kB: three STDIN records of 64 KiB
+        r = client.request("POST", "/echo", body=big, content_type="x/y", keep_conn=True, padding=255)
+        assert r.body == b"POST x/y 153600\n" + big
+        # The wire itself one byte per send.
+        wire = fc.request(fc.cgi_params("POST", "/echo", body=body, content_type="x/y"), body,
+                          keep_conn=True, chunk=5, padding=3)
+        for i in range(len(wire)):
+            client.send(wire[i:i + 1])
+        assert client.read_response().body == b"POST x/y 8\n" + body
         # The empty STDOUT end record and END_REQUEST arrive; the connection stays usable.
         assert client.request("GET", "/pid", keep_conn=True).status == 200
 
@@ -321,6 +371,10 @@ def test_management_records_and_unknown_role(start, sock_path):
         client.send(fc.record(42, 0, b"12345678"))
         assert client.next_record(time.monotonic() + 5) == (fc.UNKNOWN_TYPE, 0, b"\x2a" + b"\0" * 7)
         client.send(fc.request(fc.cgi_params(), role=fc.AUTHORIZER))
+        r = client.read_response()
+        assert (r.protocol_status, r.stdout) == (fc.UNKNOWN_ROLE, b"")
+    with fc.Client(sock_path) as client:  # FILTER, with the FCGI_DATA stream it brings
+        client.send(fc.request(fc.cgi_params(), role=fc.FILTER) + fc.stream(fc.DATA, 1, b"d" * 1000))
         r = client.read_response()
         assert (r.protocol_status, r.stdout) == (fc.UNKNOWN_ROLE, b"")
     assert server.fetch("/").status == 200
@@ -594,16 +648,60 @@ def test_malformed_input_closes_only_that_connection(start, sock_path, name):
     assert "Traceback" not in server.stderr
 
 
-def test_oversized_params_close_the_connection(start, sock_path):
+def memory_kib(pid, field):
+    """Return VmRSS or VmHWM (the peak since the last reset) of ``pid`` from /proc, in KiB."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+FLOOD = 100 * 1024 * 1024
+FLOOD_RECORD = 65535
+
+
+def flood(params, what):
+    """Return the bytes before the flood, and one record of it, repeated to FLOOD bytes."""
+    if what == "params":
+        return fc.begin_request(), fc.record(fc.PARAMS, 1, b"\x01" * FLOOD_RECORD)
+    head = fc.begin_request(flags=fc.KEEP_CONN) + fc.stream(fc.PARAMS, 1, fc.pairs(params))
+    if what == "stdin-after-the-body":
+        head += fc.record(fc.STDIN, 1, b"x" * 10)  # CONTENT_LENGTH's worth, then more
+    return head, fc.record(fc.STDIN, 1, b"y" * FLOOD_RECORD)
+
+
+@pytest.mark.parametrize("what, path, log_line", [
+    ("params", "/", "FCGI_PARAMS over 1048576 bytes"),
+    # The app reads wsgi.input to its end: flup would buffer all 100 MB for it.
+    ("stdin-read-to-end", "/readall", "FCGI_STDIN longer than CONTENT_LENGTH (10 bytes)"),
+    # The app reads its 10 bytes; on a kept-alive connection the rest is read as records.
+    ("stdin-after-the-body", "/echo", "FCGI_STDIN longer than CONTENT_LENGTH (10 bytes)"),
+])
+def test_100_mb_of_params_or_stdin_are_capped(start, sock_path, what, path, log_line):
     server = start("--bind", sock_path, "--workers", "1", address=sock_path)
-    with fc.Client(sock_path) as client:
+    pid = int(server.fetch("/pid").body)
+    baseline = memory_kib(pid, "VmRSS")
+    with open("/proc/%d/clear_refs" % pid, "w") as f:
+        f.write("5")  # VmHWM := VmRSS, so VmHWM is the peak during the flood
+    head, record = flood(fc.cgi_params("POST", path, body=b"x" * 10), what)
+    sent = 0
+    began = time.monotonic()
+    with fc.Client(sock_path, timeout=10) as client:
         try:
-            client.send(fc.begin_request() + fc.record(fc.PARAMS, 1, b"\x01" * 65535) * 17)
+            client.send(head)
+            while sent < FLOOD:
+                client.send(record)
+                sent += FLOOD_RECORD
         except (BrokenPipeError, ConnectionResetError):
             pass  # closed while we were still sending: what we want
-        assert client.read_until_closed() == b""
-    assert server.fetch("/").body == b"hello"
-    wait_until(lambda: "FCGI_PARAMS over 1048576 bytes" in server.stderr, 5, "the log line")
+        client.read_until_closed()  # a response may come first; then the close, bounded
+    assert sent < FLOOD // 10, "the server read %d bytes before closing" % sent
+    assert time.monotonic() - began < 5
+    assert memory_kib(pid, "VmHWM") - baseline < 16 * 1024
+    assert server.fetch("/pid").body == b"%d" % pid  # the same worker serves on
+    wait_until(lambda: log_line in server.stderr, 5, "the log line")
+    assert "Traceback" not in server.stderr
 
 
 def test_silent_connection_is_closed_after_the_read_timeout(start, sock_path):
@@ -615,6 +713,174 @@ def test_silent_connection_is_closed_after_the_read_timeout(start, sock_path):
     assert 0.8 < time.monotonic() - began < 5
     assert server.fetch("/").body == b"hello"
     assert "no request within 1 s" in server.stderr
+
+
+# --- the web server aborts or goes away (FCGI_ABORT_REQUEST, closes) -----------------------
+
+
+@pytest.mark.parametrize("when, keep_conn", [
+    ("during-params", True),  # BEGIN_REQUEST, some params, ABORT
+    ("after-params", True),  # the params stream ended: flup calls the app at once
+    ("after-first-stdin", True),
+    ("after-first-stdin", False),
+])
+def test_abort_before_the_app_runs_ends_the_request_without_it(start, sock_path, tmp_path, when,
+                                                              keep_conn):
+    server = start("--bind", sock_path, "--workers", "1", address=sock_path)
+    ran = tmp_path / "ran.txt"
+    params = fc.pairs(fc.cgi_params("POST", "/record", query=str(ran), body=b"x" * 100))
+    wire = fc.begin_request(flags=fc.KEEP_CONN if keep_conn else 0) + fc.record(fc.PARAMS, 1, params)
+    if when != "during-params":
+        wire += fc.record(fc.PARAMS, 1)
+    if when == "after-first-stdin":
+        wire += fc.record(fc.STDIN, 1, b"x" * 10)
+    with fc.Client(sock_path, timeout=5) as client:
+        client.send(wire + fc.abort_request())
+        r = client.read_response()
+        assert (r.stdout, r.stderr, r.protocol_status) == (b"", b"", fc.REQUEST_COMPLETE)
+        if keep_conn:  # the connection carries on with the next request
+            assert client.request("GET", "/pid", keep_conn=True).status == 200
+        else:
+            assert client.read_until_closed() == b""
+    assert not ran.exists()  # the app never ran
+    assert server.fetch("/record", query=str(ran)).body == b"recorded"
+    assert ran.read_text() == "ran\n"
+    assert "Traceback" not in server.stderr
+
+
+def test_abort_while_the_app_reads_its_body(start, sock_path, tmp_path):
+    server = start("--bind", sock_path, "--workers", "1", address=sock_path)
+    pid = server.fetch("/pid").body
+    report = tmp_path / "report.txt"
+    params = fc.cgi_params("POST", "/slowbody", query=str(report), body=b"x" * 100000)
+    began = time.monotonic()
+    with fc.Client(sock_path, timeout=5) as client:
+        client.send(fc.begin_request() + fc.stream(fc.PARAMS, 1, fc.pairs(params))
+                    + fc.record(fc.STDIN, 1, b"x" * 1000))  # and the other 99 000 never come
+        wait_until(lambda: report.exists(), 5, "the app to read its body")
+        client.send(fc.abort_request())
+        r = client.read_response()
+        assert (r.stdout, r.protocol_status) == (b"", fc.REQUEST_COMPLETE)
+        assert client.read_until_closed() == b""
+    assert time.monotonic() - began < 3  # not READ_TIMEOUT (30 s)
+    assert report.read_text() == (
+        "reading\nraised ConnectionAbortedError: the web server aborted the request "
+        "(FCGI_ABORT_REQUEST)\n")
+    assert server.fetch("/pid").body == pid  # a new connection, the same worker
+    assert "Traceback" not in server.stderr
+
+
+@pytest.mark.parametrize("how", ["close", "silence"])
+def test_body_that_stops_coming_fails_the_app_read(start, sock_path, tmp_path, how):
+    server = start("--bind", sock_path, "--workers", "1", address=sock_path,
+                   env={"TEST_READ_TIMEOUT": "1"})
+    pid = server.fetch("/pid").body
+    report = tmp_path / "report.txt"
+    params = fc.cgi_params("POST", "/slowbody", query=str(report), body=b"x" * 100000)
+    with fc.Client(sock_path, timeout=5) as client:
+        client.send(fc.begin_request() + fc.stream(fc.PARAMS, 1, fc.pairs(params))
+                    + fc.record(fc.STDIN, 1, b"x" * 1000))
+        wait_until(report.exists, 5, "the app to read its body")
+        if how == "close":
+            client.close()
+        else:
+            assert client.read_until_closed() == b""  # after READ_TIMEOUT: no response
+    reason = {"close": "the web server closed the connection",
+              "silence": "the connection to the web server failed: no data from the web server for 1 s"}
+    wait_until(lambda: "raised" in report.read_text(), 5, "the app's read to fail")
+    assert report.read_text() == "reading\nraised ConnectionAbortedError: %s\n" % reason[how]
+    assert server.fetch("/pid").body == pid
+    if how == "silence":
+        assert "closing a connection: no data from the web server for 1 s" in server.stderr
+    else:
+        assert "closing a connection" not in server.stderr
+    assert "Traceback" not in server.stderr
+
+
+TINYWEB_APP = r'''
+import os
+
+import tinyweb
+
+app = tinyweb.App(__name__)
+
+
+@app.post("/upload")
+def upload(request):
+    with open(os.environ["TEST_REPORT"], "a") as f:
+        f.write("reading\n")
+    return "%d bytes" % len(request.body)
+
+
+app.run()
+'''
+
+
+def test_abort_while_a_tinyweb_handler_reads_the_body_logs_one_line(start, sock_path, tmp_path):
+    (tmp_path / "app.py").write_text(TINYWEB_APP)
+    report = tmp_path / "report.txt"
+    server = start("--mode", "fcgi", "--bind", sock_path, "--workers", "1", address=sock_path,
+                   env={"TEST_REPORT": str(report)})
+    params = fc.cgi_params("POST", "/upload", body=b"x" * 100000, content_type="application/octet-stream")
+    with fc.Client(sock_path, timeout=5) as client:
+        client.send(fc.begin_request() + fc.stream(fc.PARAMS, 1, fc.pairs(params))
+                    + fc.record(fc.STDIN, 1, b"x" * 1000))
+        wait_until(report.exists, 5, "the handler to read the body")
+        client.send(fc.abort_request())
+        r = client.read_response()
+        assert (r.stdout, r.protocol_status) == (b"", fc.REQUEST_COMPLETE)
+    # tinyweb's Request.body answers the broken body with a 400, and says so in one line.
+    lines = wait_until(lambda: [line for line in server.stderr.splitlines() if "/upload" in line],
+                       5, "the log line")
+    assert len(lines) == 1
+    assert lines[0].endswith(
+        "400 on POST /app.py/upload: The request body ended before its Content-Length.")
+    assert "Traceback" not in server.stderr
+
+
+@pytest.mark.parametrize("keep_conn", [True, False], ids=["keep-conn", "close"])
+@pytest.mark.parametrize("model", [["--workers", "1"], ["--threads", "2"]], ids=["workers", "threads"])
+def test_abort_while_streaming_closes_the_app_iterable(start, sock_path, tmp_path, model, keep_conn):
+    server = start("--bind", sock_path, *model, address=sock_path)
+    (tmp_path / "go").write_text("")  # the generator streams without end
+    with fc.Client(sock_path, timeout=5) as client:
+        client.send(fc.request(fc.cgi_params(path="/stream", query=str(tmp_path)), keep_conn=keep_conn))
+        client.read_stdout_until(b"more", time.monotonic() + 5)
+        began = time.monotonic()
+        client.send(fc.abort_request())
+        r = client.read_response()  # the chunks already on their way, then END_REQUEST
+        assert r.protocol_status == fc.REQUEST_COMPLETE
+        assert time.monotonic() - began < 2
+        assert (tmp_path / "closed").read_text() == "closed\n"  # before END_REQUEST
+        if keep_conn:
+            assert client.request("GET", "/", keep_conn=True).body == b"hello"
+        else:
+            assert client.read_until_closed() == b""
+    assert "Traceback" not in server.stderr
+
+
+@pytest.mark.parametrize("how", ["tcp-fin", "tcp-rst", "unix-close"])
+def test_web_server_closing_mid_response_closes_the_app_iterable(start, sock_path, tmp_path, how):
+    if how.startswith("tcp"):
+        port = free_port()
+        address = ("127.0.0.1", port)
+        server = start("--bind", ":%d" % port, "--workers", "1", address=address)
+    else:
+        address = sock_path
+        server = start("--bind", sock_path, "--workers", "1", address=address)
+    pid = server.fetch("/pid").body
+    client = fc.Client(address, timeout=5)
+    client.send(fc.request(fc.cgi_params(path="/stream", query=str(tmp_path))))
+    # Everything sent so far is read: closing now sends a FIN, not a reset.
+    client.read_stdout_until(b"first\n", time.monotonic() + 5)
+    if how == "tcp-rst":
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    (tmp_path / "go").write_text("")  # the app writes again, into a closed connection
+    wait_until(lambda: (tmp_path / "closed").exists(), 5, "the generator's close()")
+    assert server.fetch("/pid").body == pid  # the worker serves on
+    assert "Traceback" not in server.stderr
+    assert "closing a connection" not in server.stderr  # a web server going away is normal
 
 
 # --- after the response -------------------------------------------------------------------

@@ -6,6 +6,9 @@ from tinyweb.routing import Router
 
 __all__ = ["App"]
 
+# Characters of a request line written in a log line; the rest is counted, not written.
+MAX_LOGGED_LINE = 2000
+
 
 class _LimitedInput:
     """A body stream that stops a request at ``limit`` bytes with 413.
@@ -132,6 +135,7 @@ class App:
 
         from tinyweb import responses
         from tinyweb.config import ConfigError
+        from tinyweb.deadline import TOO_LONG, RequestTimeout
         from tinyweb.sessions import SessionStoreError
 
         environ = request.environ
@@ -158,6 +162,14 @@ class App:
         except SessionStoreError as error:
             self._log(environ, "503 on %s: %s" % (_request_line(environ), error))
             return exc.HTTPServiceUnavailable("The session store is unavailable; try again later.")
+        except RequestTimeout as error:
+            # Raised by a gateway's deadline (tinyweb/deadline.py), wherever the handler was:
+            # the traceback shows where. The session is not saved: the handler never finished.
+            import traceback
+
+            text = traceback.format_exc().rstrip()
+            self._log(environ, "503 on %s: %s\n%s" % (_request_line(environ), error, text))
+            return exc.HTTPServiceUnavailable(TOO_LONG)
         except Exception as error:
             import traceback
 
@@ -218,7 +230,11 @@ def _request_line(environ):
     path = quote(path.encode("latin-1", "replace"), safe="/:@!$&'()*+,;=~")
     query = quote(environ.get("QUERY_STRING", ""), safe="/:@!$&'()*+,;=~%?")
     method = quote(environ.get("REQUEST_METHOD", "?"), safe="")
-    return "%s %s%s" % (method, path, "?" + query if query else "")
+    line = "%s %s%s" % (method, path, "?" + query if query else "")
+    if len(line) > MAX_LOGGED_LINE:
+        # A 414 for a 200k-field query string must not write megabytes to the error log.
+        line = "%s... (%d characters)" % (line[:MAX_LOGGED_LINE], len(line))
+    return line
 
 
 def _own_origin(environ):

@@ -8,6 +8,11 @@ from pathlib import Path
 __all__ = ["Config", "ConfigError", "load_config", "app_root"]
 
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
+# Seconds a request may run before it is answered 503 and its worker recycled; 0 turns it off.
+# Under the web servers' own deadlines (mod_fcgid's FcgidIOTimeout 40 s, nginx's
+# fastcgi_read_timeout 60 s), so the client gets tinyweb's 503 rather than their 502/504;
+# PHP's max_execution_time is 30 s too.
+DEFAULT_REQUEST_TIMEOUT = 30.0
 # What app_template/tinyweb.ini holds until `tinyweb new` writes a real secret there.
 SECRET_PLACEHOLDER = "@SECRET@"
 MIN_SECRET_LENGTH = 16
@@ -23,7 +28,8 @@ class Config:
     # A plain class, not a dataclass: every CGI request reads its config, and dataclasses
     # (with inspect and typing) would cost it ~20 ms (bench/README.md).
     def __init__(self, root, path, secret=None, data_dir=None, debug=False,
-                 max_body=DEFAULT_MAX_BODY, allowed_hosts=(), cgi_worker=False, session=None):
+                 max_body=DEFAULT_MAX_BODY, allowed_hosts=(), cgi_worker=False,
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT, session=None):
         self.root = root
         self.path = path
         self.secret = secret
@@ -32,6 +38,7 @@ class Config:
         self.max_body = max_body
         self.allowed_hosts = list(allowed_hosts)
         self.cgi_worker = cgi_worker
+        self.request_timeout = request_timeout
         self.session = dict(session or {})
 
     def __eq__(self, other):
@@ -79,6 +86,18 @@ def _size(text, key, where):
         value = -1
     if value < 0:
         raise ConfigError("%s: %s = %r is not a number of bytes" % (where, key, text))
+    return value
+
+
+def _seconds(text, key, where):
+    # A float, but not "inf", "nan" or True (float(True) is 1.0): a typo must not read as a number.
+    try:
+        value = float(str(text).strip()) if not isinstance(text, bool) else -1.0
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ConfigError("%s: %s = %r is not a number of seconds (0 turns it off)"
+                          % (where, key, text))
     return value
 
 
@@ -134,6 +153,8 @@ def load_config(app_file, overrides=None, environ=None, warn=None):
         config.max_body = _size(section.get("max_body", DEFAULT_MAX_BODY), "max_body", where)
         config.allowed_hosts = _hosts(section.get("allowed_hosts", ""))
         config.cgi_worker = _bool(section.get("cgi_worker", "false"), "cgi_worker", where)
+        config.request_timeout = _seconds(section.get("request_timeout", DEFAULT_REQUEST_TIMEOUT),
+                                          "request_timeout", where)
     if parser.has_section("session"):
         config.session = dict(parser["session"])
 
@@ -146,6 +167,8 @@ def load_config(app_file, overrides=None, environ=None, warn=None):
             value = _bool(value, key, "App(...)")
         elif key == "max_body":
             value = _size(value, key, "App(...)")
+        elif key == "request_timeout":
+            value = _seconds(value, key, "App(...)")
         elif key == "allowed_hosts":
             value = _hosts(value)
         elif key == "session":

@@ -71,6 +71,30 @@ class CGIGateway(BaseCGIHandler):
         super().__init__(stdin, stdout, stderr, environ, multithread=False, multiprocess=True)
         self.run_once = True
 
+    def handle_error(self):
+        from tinyweb.deadline import ResponseCutOff
+
+        if isinstance(sys.exc_info()[1], ResponseCutOff):
+            # Logged by the deadline's Guard; the response just ends here. A CGI script has no
+            # way to tell the web server it is short: with no Content-Length it looks whole.
+            return
+        super().handle_error()
+
+
+def guarded(app):
+    """Return (``app`` under its request_timeout, the Alarm), or (app, None) when there is none."""
+    from tinyweb.deadline import Alarm, Guard, timeout_of
+
+    seconds = timeout_of(app)
+    if not seconds:
+        return app, None
+    alarm = Alarm(seconds)
+    try:
+        alarm.install()
+    except ValueError:
+        return app, None  # not the main thread (a test calling serve), where SIGALRM cannot go
+    return Guard(app, alarm), alarm
+
 
 # CGI variables that carry request bytes (wsgiref.handlers._needs_transcode).
 _REQUEST_VARS = {"SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "REQUEST_METHOD", "AUTH_TYPE",
@@ -162,10 +186,13 @@ def serve(app, options):
     stdout = sys.stdout.buffer
     # stdout is the response: a handler's print() goes to stderr (the error log) instead.
     saved, sys.stdout = sys.stdout, sys.stderr
+    runner, alarm = guarded(app)
     try:
-        CGIGateway(stdin, stdout, sys.stderr, environ).run(app)
+        CGIGateway(stdin, stdout, sys.stderr, environ).run(runner)
     finally:
         sys.stdout = saved
+        if alarm is not None:
+            alarm.uninstall()
     length = environ.get("CONTENT_LENGTH", "")
     if length.isascii() and length.isdigit() and int(length) > stdin.consumed:
         stdin.drain(int(length))

@@ -114,6 +114,8 @@ class Worker:
         self.path = path
         self.idle_seconds = idle_seconds
         self.app = None
+        self.runner = None  # the app under its request_timeout (deadline.Guard), once loaded
+        self.alarm = None
         self.stamps = None
         self.modules = {}
         self.stale = False
@@ -228,11 +230,18 @@ class Worker:
             environ["tinyweb.defer_room"] = self.tasks.room()
             gateway = CGIGateway(_BodyReader(rfile), wfile, sys.stderr, environ)
             gateway.wsgi_multithread, gateway.run_once = False, False  # one of many, in turn
-            gateway.run(self.app)
+            gateway.run(self.runner)
             try:
                 wfile.flush()
             except OSError:
                 pass  # the entry went away (its client did): as under cold CGI, tasks still run
+            if self.alarm is not None and self.alarm.fired:
+                # Interrupted wherever it was, the app's module state may be half-updated: the
+                # next entries go cold and start a fresh worker.
+                sys.stderr.write("tinyweb: CGI worker: a request ran past request_timeout; "
+                                 "retiring this worker\n")
+                sys.stderr.flush()
+                self.retire()
             # Body the app left unread is the entry's to drain, within its limits: closing
             # now ends the response for the entry.
             self.tasks.submit(tasks)
@@ -269,6 +278,10 @@ class Worker:
         if not _take_lock(lock, TAKEOVER_SECONDS):
             return 0  # another worker for this app is starting or running
         self.load()
+        from tinyweb.runners.cgi import guarded
+
+        # Requests run on this, the main thread (below), where SIGALRM can interrupt them.
+        self.runner, self.alarm = guarded(self.app)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -295,6 +308,9 @@ class Worker:
         stopping = threading.Event()
 
         def accept_loop():
+            # SIGALRM is for the request on the main thread: Linux gives a process's signal to
+            # the main thread first anyway (kernel/signal.c complete_signal); never to this one.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
             while not stopping.is_set():
                 try:
                     conn, _ = listener.accept()

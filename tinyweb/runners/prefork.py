@@ -26,6 +26,12 @@ SHUTDOWN_GRACE = 10.0
 KILL_WAIT = 5.0
 # Longest pause between restarts of a worker that keeps dying as soon as it starts.
 MAX_RESPAWN_DELAY = 5.0
+# Seconds past request_timeout after which the supervisor SIGKILLs a worker still in a request
+# (stuck where SIGALRM cannot reach: C code that never returns to the interpreter).
+STUCK_GRACE = 10.0
+
+# This process's Scoreboard and slot, set in a forked worker by Supervisor._child.
+_own_slot = None
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -62,6 +68,7 @@ class Worker:
         self.stopping = False
         self.failed = False
         self.tasks = TaskPool()
+        self.timer = None  # what bounds each request (tinyweb/deadline.py), once running
         self._lock = threading.Lock()
         # Readable once stop() ran, so every poller wakes at once.
         self.stop_fd, self._stop_w = os.pipe()
@@ -80,6 +87,12 @@ class Worker:
             self.served += 1
             if self.max_requests and self.served >= self.max_requests:
                 self.stop()
+        if self.timer is not None and self.timer.fired and not self.stopping:
+            # Interrupted wherever it was, the app's state may be half-updated: a fresh worker
+            # (forked by the supervisor, or spawned by mod_fcgid) takes over.
+            log("a request ran past request_timeout (%g s); this worker stops and a fresh one "
+                "takes over" % self.timer.seconds)
+            self.stop()
 
     def run(self):
         """Serve until SIGTERM, SIGINT, SIGHUP or --max-requests; return the exit status."""
@@ -97,6 +110,7 @@ class Worker:
         # Blocked by the supervisor across fork (Supervisor._fork): a stop signal sent since
         # is delivered now, to these handlers.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        self._bound_requests()
         if self.threads == 1:
             self._accept_loop()
             return 0
@@ -104,12 +118,51 @@ class Worker:
                 for n in range(self.threads)]
         for thread in pool:
             thread.start()
+        give_up = None
         while True:
             alive = [thread for thread in pool if thread.is_alive()]
             if not alive:
                 return 1 if self.failed else 0
-            alive[0].join(1.0)
+            if self.stopping:
+                # Bounded, as the supervisor bounds a stopping worker: a request stuck for good
+                # (the watchdog's reason to stop) must not keep the process, and under mod_fcgid
+                # no supervisor would kill it.
+                give_up = give_up or time.monotonic() + SHUTDOWN_GRACE
+                if time.monotonic() >= give_up:
+                    log("%d request(s) still running after %g s; exiting without them"
+                        % (len(alive), SHUTDOWN_GRACE))
+                    return 1
+            alive[0].join(min(1.0, max(give_up - time.monotonic(), 0.01)) if give_up else 1.0)
             self._check_parent()
+
+    def _bound_requests(self):
+        """Run the app under request_timeout: SIGALRM in the main thread, else a watchdog."""
+        from tinyweb.deadline import Alarm, Guard, PostedAlarm, Watch, timeout_of
+
+        seconds = timeout_of(self.server.application)
+        if not seconds:
+            return
+        if self.threads > 1:
+            self.timer = Watch(seconds)
+            self.timer.beat(_own_slot, STUCK_GRACE)
+            threading.Thread(target=self.timer.watchdog,
+                             args=(self._overdue, _own_slot, STUCK_GRACE),
+                             name="tinyweb-watchdog", daemon=True).start()
+        elif _own_slot is not None:
+            self.timer = PostedAlarm(seconds, _own_slot[0], _own_slot[1], STUCK_GRACE)
+        else:
+            self.timer = Alarm(seconds)  # mod_fcgid's process: no supervisor to post to
+        if self.threads == 1:
+            self.timer.install()  # the requests run in this, the main thread (_accept_loop)
+        # flup's server calls .application for each request; this process has its own copy of
+        # the server (a forked worker, or the one process under mod_fcgid).
+        self.server.application = Guard(self.server.application, self.timer)
+
+    def _overdue(self, line, elapsed, seconds):
+        log("%s has run for %.0f s, past request_timeout (%g s); threads cannot be interrupted, "
+            "so this worker takes no more requests, lets the others finish (up to %g s) and "
+            "exits, and a fresh one takes over" % (line, elapsed, seconds, SHUTDOWN_GRACE))
+        self.stop()
 
     def _thread_main(self):
         try:
@@ -210,12 +263,18 @@ class Supervisor:
         # pid -> when to SIGKILL it; a reload hands its old workers over through reexec.
         self.retiring = {pid: time.monotonic() + SHUTDOWN_GRACE for pid in retiring}
         self.killed = {}  # pid -> when to stop waiting for it
+        self.board = None  # the Scoreboard where workers post their request deadlines
+        self.slots = {}  # pid -> its slot on the board
         self._respawn_delay = 0.0
         self._next_spawn = 0.0
         self._wake = ()
 
     def run(self):
         """Supervise until SIGTERM or SIGINT; SIGHUP reloads. Return the exit status."""
+        from tinyweb.deadline import Scoreboard
+
+        # Room for a full set of workers and the set a reload retires, and a few being killed.
+        self.board = Scoreboard(2 * self.count + 4)
         wake_r, wake_w = self._wake = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -284,17 +343,27 @@ class Supervisor:
         # Taken before fork: a child that asked getppid() after a parent already killed would
         # get 1 and never notice it is orphaned.
         parent = os.getpid()
+        slot = self.board.take() if self.board is not None else None
         try:
             pid = os.fork()
             if pid == 0:
-                self._child(parent)
+                self._child(parent, slot)
+        except OSError:
+            if slot is not None:
+                self.board.release(slot)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        if slot is not None:
+            self.slots[pid] = slot
         return pid
 
-    def _child(self, parent):
+    def _child(self, parent, slot):
         """Run one worker in the forked child; never return into the caller's stack."""
+        global _own_slot
         status = 1
+        if slot is not None:
+            _own_slot = (self.board, slot)
         try:
             signal.set_wakeup_fd(-1)
             for fd in self._wake:
@@ -329,6 +398,9 @@ class Supervisor:
         started = self.workers.pop(pid, None)
         self.retiring.pop(pid, None)
         self.killed.pop(pid, None)
+        slot = self.slots.pop(pid, None)
+        if slot is not None:
+            self.board.release(slot)
         if started is None:
             return
         if code == 0:  # --max-requests reached
@@ -348,6 +420,17 @@ class Supervisor:
 
     def _enforce_deadlines(self):
         now = time.monotonic()
+        for pid, slot in list(self.slots.items()):
+            if pid not in self.workers:
+                continue  # retiring or killed: it has its own deadline
+            kill_at, since, line = self.board.read(slot)
+            if kill_at and now >= kill_at:
+                log("worker %d stuck in %s for %.0f s, past its request_timeout and %g s more; "
+                    "killed it, starting another"
+                    % (pid, line or "a request", now - since, STUCK_GRACE))
+                _kill(pid, signal.SIGKILL)
+                del self.workers[pid]  # replaced at once; reaped (quietly) when it is gone
+                self.killed[pid] = now + KILL_WAIT
         for pid, deadline in list(self.retiring.items()):
             if now >= deadline:
                 log("worker %d still busy after %g s; killing it" % (pid, SHUTDOWN_GRACE))
@@ -358,6 +441,7 @@ class Supervisor:
             if now >= deadline:
                 log("worker %d did not exit after SIGKILL; no longer waiting for it" % pid)
                 del self.killed[pid]
+                self.slots.pop(pid, None)  # its slot stays taken: it might still write there
 
     def _next_timeout(self):
         """Milliseconds until the next deadline or respawn, at most one second."""

@@ -1,0 +1,90 @@
+"""flup's FastCGI server and request, turning each request into a WSGI call: see fcgi_connection.py.
+
+GatewayServer marks whole bodies so their records go in one send, answers an aborted request
+with no error page, and cuts a response short when request_timeout passes mid-stream;
+GatewayRequest runs the app's deferred tasks once FCGI_END_REQUEST is out. Importing this
+module imports flup: only fcgi.py's ``serve`` does.
+"""
+
+from flup.server import fcgi_base as fb
+
+from tinyweb.deadline import ResponseCutOff
+from tinyweb.runners.fcgi_connection import WHOLE, GatewayConnection
+from tinyweb.runners.prefork import DropConnection
+
+__all__ = ["make_server"]
+
+
+def make_server(app, bind, threads, multiprocess):
+    """Return the flup server that turns requests into WSGI calls, and the connection class."""
+    # bindAddress only decides here whether wsgi.errors also goes to our stderr (when bound).
+    server = GatewayServer(app, multithreaded=threads > 1, multiprocess=multiprocess,
+                           bindAddress=bind)
+    return server, GatewayConnection
+
+
+def _marking_whole_bodies(app):
+    """Wrap ``app`` to mark the environ when it returns a list: a body with nothing to stream."""
+
+    def application(environ, start_response):
+        body = app(environ, start_response)
+        if type(body) is list:
+            environ[WHOLE] = True
+        return body
+
+    application.__wrapped__ = app  # the App's settings stay reachable (deadline.timeout_of)
+    return application
+
+
+class GatewayRequest(fb.Request):
+    """A flup Request that runs the app's after-response tasks once END_REQUEST is out."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.params_buffer = bytearray()
+        self.params_done = False  # the empty FCGI_PARAMS record has come
+        self.started = False  # the app has been called
+        self.abort_reason = None
+
+    def abort(self, reason):
+        """Make the app's body reads and output writes raise RequestAborted from now on."""
+        if self.abort_reason is None:
+            self.abort_reason = self.stdin.aborted = self.data.aborted = reason
+
+    def run(self):
+        # flup's run() ends with Connection.end_request (FCGI_END_REQUEST, and the socket
+        # closed unless FCGI_KEEP_CONN): the web server has the whole response by now. Never
+        # in the body's close(): flup calls that before END_REQUEST (handler, line 1184).
+        try:
+            super().run()
+        finally:
+            worker = self._conn.worker
+            worker.request_done()
+            # On the worker's pool, so a slow task never holds its next request.
+            worker.tasks.submit(self.params.get("tinyweb.after_response"))
+
+class GatewayServer(fb.BaseFCGIServer):
+    request_class = GatewayRequest
+
+    def __init__(self, application, **kwargs):
+        super().__init__(_marking_whole_bodies(application), **kwargs)
+
+    def handler(self, req):
+        req.params["tinyweb.mode"] = "fcgi"
+        req.params["tinyweb.after_response"] = []
+        req.params["tinyweb.defer_room"] = req._conn.worker.tasks.room()
+        try:
+            return super().handler(req)
+        except ResponseCutOff as exc:
+            # request_timeout passed mid-stream (deadline.py): no FCGI_END_REQUEST may
+            # follow, or the web server would pass the truncated page on as whole.
+            req._conn._fail(DropConnection(str(exc)))
+            return fb.FCGI_REQUEST_COMPLETE, 0
+        except Exception:
+            if req.abort_reason is None:
+                raise
+            # Stopped by RequestAborted (flup's handler has closed the app's iterable,
+            # fcgi_base.py:1182-1184), or failed because of it: flup would print a
+            # traceback to FCGI_STDERR and write a 500 page (fcgi_base.py:577-581) for a
+            # request that is over. appStatus 0, as Go's net/http/fcgi answers an abort.
+            return fb.FCGI_REQUEST_COMPLETE, 0
