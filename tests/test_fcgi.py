@@ -715,6 +715,49 @@ def test_silent_connection_is_closed_after_the_read_timeout(start, sock_path):
     assert "no request within 1 s" in server.stderr
 
 
+def test_an_idle_kept_connection_does_not_hold_a_single_worker(start, sock_path):
+    # nginx with fastcgi_keep_conn keeps connections open between requests and sends the next
+    # request on any of them: a single-threaded worker must not sit on one idle connection
+    # while another waits (the wait was READ_TIMEOUT, 30 s, before).
+    server = start("--bind", sock_path, "--workers", "1", address=sock_path)
+    with fc.Client(sock_path, timeout=10) as kept:
+        pid = kept.request("GET", "/pid", keep_conn=True).body
+        began = time.monotonic()
+        with fc.Client(sock_path, timeout=10) as other:
+            for _ in range(3):
+                assert other.request("GET", "/pid", keep_conn=True).body == pid
+        assert server.fetch("/pid").body == pid
+        assert time.monotonic() - began < 3
+        # The first connection, idle meanwhile, is served again by the same worker.
+        assert kept.request("GET", "/pid", keep_conn=True).body == pid
+    assert "Traceback" not in server.stderr
+
+
+def test_many_idle_kept_connections_each_get_their_next_request(start, sock_path):
+    server = start("--bind", sock_path, "--workers", "1", address=sock_path)
+    clients = [fc.Client(sock_path, timeout=10) for _ in range(10)]
+    try:
+        for round_ in range(3):
+            for client in reversed(clients) if round_ % 2 else clients:
+                assert client.request("GET", "/", keep_conn=True).body == b"hello"
+    finally:
+        for client in clients:
+            client.close()
+    assert "Traceback" not in server.stderr and "closing a connection" not in server.stderr
+
+
+def test_an_idle_kept_connection_is_closed_after_the_read_timeout(start, sock_path):
+    server = start("--bind", sock_path, "--workers", "1", address=sock_path,
+                   env={"TEST_READ_TIMEOUT": "1"})
+    with fc.Client(sock_path, timeout=10) as kept:
+        assert kept.request("GET", "/", keep_conn=True).body == b"hello"
+        began = time.monotonic()
+        assert kept.read_until_closed() == b""
+        assert 0.8 < time.monotonic() - began < 5
+    assert server.fetch("/").body == b"hello"
+    assert "Traceback" not in server.stderr and "closing a connection" not in server.stderr
+
+
 # --- the web server aborts or goes away (FCGI_ABORT_REQUEST, closes) -----------------------
 
 

@@ -16,7 +16,7 @@ import time
 from flup.server import fcgi_base as fb
 from webob.request import DisconnectionError
 
-from tinyweb.runners.prefork import DropConnection, IdleConnection
+from tinyweb.runners.prefork import DropConnection, IdleConnection, ParkConnection
 
 __all__ = ["GatewayConnection", "RequestAborted", "WHOLE", "READ_TIMEOUT"]
 
@@ -124,6 +124,12 @@ class GatewayConnection(fb.Connection):
         self._stdin_count = 0  # bytes of FCGI_STDIN received
         self._stdin_limit = None  # CONTENT_LENGTH, once the params are in
 
+    parkable = False  # set by a single-threaded worker: see _wait_for_request
+
+    def idle_expired(self, since):
+        """Tell whether a connection parked at ``since`` (time.monotonic) has idled too long."""
+        return time.monotonic() - since > READ_TIMEOUT
+
     def run(self):
         # flup's run() swallows EOFError and lets everything else kill the caller (prefork
         # child) or vanish (thread pool, threadpool.py:81); here the Worker logs it.
@@ -191,6 +197,12 @@ class GatewayConnection(fb.Connection):
         poller.register(self._sock.fileno(), select.POLLIN)
         if self.worker.stopping and not poller.poll(0):
             raise IdleConnection
+        if self.parkable and self._seen_request and not poller.poll(0):
+            # A kept-alive connection (fastcgi_keep_conn) between requests: a single-threaded
+            # worker waiting here would leave the web server's other connections unserved
+            # until this one's next request or READ_TIMEOUT (p99 stalls of 1-4 s,
+            # bench/README.md); the worker waits for all of them at once instead.
+            raise ParkConnection
         poller.register(self.worker.stop_fd, select.POLLIN)
         for fd, _ in poller.poll(READ_TIMEOUT * 1000):
             if fd == self._sock.fileno():

@@ -18,12 +18,15 @@ import traceback
 
 from tinyweb.deferred import TaskPool
 
-__all__ = ["Supervisor", "Worker", "DropConnection", "IdleConnection", "log"]
+__all__ = ["Supervisor", "Worker", "DropConnection", "IdleConnection", "ParkConnection", "log"]
 
 # Seconds a stopping worker may take to finish its requests before it is killed.
 SHUTDOWN_GRACE = 10.0
 # Seconds to wait for a killed worker to be reaped before giving up on it.
 KILL_WAIT = 5.0
+# Idle kept-alive connections a single-threaded worker holds at most (nginx keeps
+# `keepalive N` per nginx worker); past it the longest idle is closed.
+MAX_PARKED = 64
 # Longest pause between restarts of a worker that keeps dying as soon as it starts.
 MAX_RESPAWN_DELAY = 5.0
 # Seconds past request_timeout after which the supervisor SIGKILLs a worker still in a request
@@ -51,6 +54,10 @@ class DropConnection(Exception):
 
 class IdleConnection(Exception):
     """Close this connection quietly: no request is in progress and the worker stops or it expired."""
+
+
+class ParkConnection(Exception):
+    """Keep this connection open and idle: its next request is waited for with the others."""
 
 
 class Worker:
@@ -181,31 +188,65 @@ class Worker:
             self.stop()
 
     def _accept_loop(self):
-        poller = _poller(self.listen_sock.fileno(), self.stop_fd)
-        while not self.stopping:
-            self._check_parent()
-            ready = poller.poll(1.0)
-            if not ready or self.stopping:
-                continue
-            try:
-                sock, addr = self.listen_sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                continue  # another worker took it, or the peer gave up
-            except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                log("cannot accept a connection: %s" % exc.strerror)
-                select.select([self.stop_fd], [], [], 0.5)
-                continue
-            self.serve_connection(sock, addr)
+        listen_fd = self.listen_sock.fileno()
+        poller = _poller(listen_fd, self.stop_fd)
+        # A single-threaded worker keeps its idle kept-alive connections here, waited for
+        # together with the listening socket: fd -> (connection, since).
+        parked = {} if self.threads == 1 else None
+        try:
+            while not self.stopping:
+                self._check_parent()
+                ready = poller.poll(1.0)
+                if self.stopping:
+                    break
+                for fd, _ in ready:
+                    if fd == listen_fd:
+                        self._accept(parked, poller)
+                    elif parked and fd in parked:
+                        conn = parked.pop(fd)[0]
+                        poller.unregister(fd)
+                        self._serve(conn, parked, poller)
+                if parked:
+                    self._expire(parked, poller)
+        finally:
+            for conn, _ in (parked or {}).values():
+                conn.close(linger=False)
 
-    def serve_connection(self, sock, addr):
-        """Run one connection to its end; log why it ended unless that was normal."""
+    def _accept(self, parked, poller):
+        try:
+            sock, addr = self.listen_sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another worker took it, or the peer gave up
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            log("cannot accept a connection: %s" % exc.strerror)
+            select.select([self.stop_fd], [], [], 0.5)
+            return
         conn = self.connection_class(sock, addr, self.server, self)
+        conn.parkable = parked is not None
+        self._serve(conn, parked, poller)
+
+    def _expire(self, parked, poller):
+        oldest = sorted(parked.items(), key=lambda item: item[1][1])
+        for n, (fd, (conn, since)) in enumerate(oldest):
+            if conn.idle_expired(since) or len(oldest) - n > MAX_PARKED:
+                del parked[fd]
+                poller.unregister(fd)
+                conn.close(linger=False)
+
+    def _serve(self, conn, parked, poller):
+        """Run ``conn`` until it ends (log why unless that was normal), or until it idles between
+        requests and is parked."""
+        addr = conn._addr
         peer = " from %s:%s" % addr[:2] if isinstance(addr, tuple) else ""
         try:
             conn.run()
             conn.close()
+        except ParkConnection:
+            fd = conn._sock.fileno()
+            parked[fd] = (conn, time.monotonic())
+            poller.register(fd, select.POLLIN)
         except EOFError:
             conn.close()
         except IdleConnection:
@@ -247,6 +288,12 @@ def _poller(listen_fd, stop_fd):
 
         def poll(self, seconds):
             return self._poll.poll(seconds * 1000)
+
+        def register(self, fd, events):
+            self._poll.register(fd, events)
+
+        def unregister(self, fd):
+            self._poll.unregister(fd)
 
     return _Poll()
 
