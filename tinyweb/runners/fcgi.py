@@ -2,7 +2,7 @@
 
 flup 1.0.3 speaks the protocol; what it gets wrong is replaced in fcgi_connection.py (records)
 and fcgi_server.py (the WSGI call), and so are its socket binding (listen.py) and its
-processes (prefork.py). Nothing imports flup until ``serve`` runs: a CGI request never pays
+processes (prefork.py, supervisor.py). Nothing imports flup until ``serve`` runs: a CGI request never pays
 for it.
 """
 
@@ -11,7 +11,8 @@ import socket
 import sys
 
 from tinyweb.runners.listen import BindError, listen, reexec
-from tinyweb.runners.prefork import Supervisor, Worker, log
+from tinyweb.runners.prefork import Worker, log
+from tinyweb.runners.supervisor import Supervisor
 
 __all__ = ["serve", "BindError"]
 
