@@ -715,6 +715,21 @@ def test_silent_connection_is_closed_after_the_read_timeout(start, sock_path):
     assert "no request within 1 s" in server.stderr
 
 
+def test_a_connection_accepted_before_a_stop_is_still_served(start, sock_path):
+    # A stop signal that comes between the worker's accept and the request's first bytes must
+    # not drop the request (a SIGHUP reload under load did, now and then).
+    server = start("--bind", sock_path, "--workers", "1", address=sock_path)
+    pid = server.fetch("/pid").body
+    with fc.Client(sock_path, timeout=10) as client:
+        time.sleep(0.3)  # accepted: the worker waits for this connection's first bytes
+        server.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        r = client.request("GET", "/pid")
+        assert (r.status, r.body) == (200, pid)
+    assert server.wait_exit() == 0
+    assert "Traceback" not in server.stderr
+
+
 def test_an_idle_kept_connection_does_not_hold_a_single_worker(start, sock_path):
     # nginx with fastcgi_keep_conn keeps connections open between requests and sends the next
     # request on any of them: a single-threaded worker must not sit on one idle connection

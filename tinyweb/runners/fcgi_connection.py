@@ -224,21 +224,26 @@ class GatewayConnection(fb.Connection):
 
     def _wait_for_request(self):
         """Wait for the next request's first bytes (none has come yet); give up when the worker stops."""
-        if self.worker.stopping:
-            raise IdleConnection
-        if self.parkable and self._seen_request:
-            # A kept-alive connection (fastcgi_keep_conn) between requests: a single-threaded
-            # worker waiting here would leave the web server's other connections unserved
-            # until this one's next request or READ_TIMEOUT (p99 stalls of 1-4 s,
-            # bench/README.md); the worker waits for all of them at once instead.
-            raise ParkConnection
+        if self._seen_request:
+            if self.worker.stopping:
+                raise IdleConnection
+            if self.parkable:
+                # A kept-alive connection (fastcgi_keep_conn) between requests: a
+                # single-threaded worker waiting here would leave the web server's other
+                # connections unserved until this one's next request or READ_TIMEOUT (p99
+                # stalls of 1-4 s, bench/README.md); the worker waits for all of them at once.
+                raise ParkConnection
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self.worker.stop_fd, select.POLLIN)
+        if self._seen_request:
+            # An idle kept-alive connection gives up when the worker stops. A new one does
+            # not: it was accepted for a request whose bytes are on their way, and dropping
+            # it would fail that request (a stop signal arriving just after the accept).
+            poller.register(self.worker.stop_fd, select.POLLIN)
         for fd, _ in poller.poll(READ_TIMEOUT * 1000):
             if fd == self._sock.fileno():
                 return
-        if self.worker.stopping or self._seen_request:
+        if self._seen_request:
             raise IdleConnection  # stopping, or a kept-alive connection expiring: both normal
         raise DropConnection("no request within %g s" % READ_TIMEOUT)
 
