@@ -13,7 +13,7 @@ import webob
 from helpers import (CHECKOUT, SECRET, Client, cgi_environ, clean_env,  # noqa: F401  (a fixture)
                      run_cgi, split_cgi)
 from tinyweb import App
-from tinyweb.forms import MAX_FIELDS, MAX_PART_HEADER_LINES, MAX_PARTS
+from tinyweb.forms import MAX_FIELDS, MAX_PART_HEADER_LINES, MAX_PARTS, MAX_SPOOLED_PARTS
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -30,6 +30,7 @@ EXPLANATION = {
 STATUS = {400: "400 Bad Request", 413: "413 Request Entity Too Large", 414: "414 Request-URI Too Long"}
 
 TOO_MANY_PARTS = "The form has more than %d parts." % MAX_PARTS
+TOO_MANY_SPOOLED = "The form has more than %d parts over 1000 bytes." % MAX_SPOOLED_PARTS
 TOO_MANY_FIELDS = "The form has more than %d fields." % MAX_FIELDS
 TOO_MANY_QUERY_FIELDS = "The query string has more than %d fields." % MAX_FIELDS
 TOO_MANY_HEADERS = "A part of the form has more than %d header lines." % MAX_PART_HEADER_LINES
@@ -217,8 +218,11 @@ def test_boundary_of_70_characters_is_accepted(client):
 
 def test_2000_file_parts_are_413_before_any_temporary_file_is_opened(client, temp_files):
     body = multipart(files(2000))
-    assert len(body) < 10 * 1024 * 1024  # under max_body: only the part limit stops it
-    assert_refused(post(client, body, status=413), 413, TOO_MANY_PARTS)
+    assert len(body) < 10 * 1024 * 1024  # under max_body: only the part limits stop it
+    assert_refused(post(client, body, status=413), 413, TOO_MANY_SPOOLED)
+    assert temp_files == []
+    # Small parts, 20 of them spooled: the limit on parts stops these.
+    assert_refused(post(client, multipart(files(2000, every=100)), status=413), 413, TOO_MANY_PARTS)
     assert temp_files == []
 
 
@@ -227,6 +231,16 @@ def test_1000_file_parts_are_parsed(client, temp_files):
     res = post(client, multipart(files(MAX_PARTS, every=10)))
     assert res.json == {"fields": file_summary(MAX_PARTS, every=10)}
     assert len(temp_files) == MAX_PARTS // 10  # the spy sees what the test above says did not happen
+
+
+def test_more_than_100_parts_over_1000_bytes_are_413_before_any_temporary_file(client, temp_files):
+    # Each would be an open temporary file until the request ends (Django's limit is 100 too).
+    body = multipart(files(MAX_SPOOLED_PARTS + 1))
+    assert_refused(post(client, body, status=413), 413, TOO_MANY_SPOOLED)
+    assert temp_files == []
+    res = post(client, multipart(files(MAX_SPOOLED_PARTS)))
+    assert res.json == {"fields": file_summary(MAX_SPOOLED_PARTS)}
+    assert len(temp_files) == MAX_SPOOLED_PARTS
 
 
 def test_lines_that_start_with_the_boundary_count_towards_the_limit(client):
@@ -493,8 +507,8 @@ def run_form(site, body, **extra):
 def test_cgi_2000_file_parts_are_413_with_few_descriptors_left(forms_site):
     out = run_form(forms_site, multipart(files(2000)), TEST_NOFILE="64")
     status, headers, body = split_cgi(out.stdout)
-    assert (status, body) == ("413 Request Entity Too Large", page(413, TOO_MANY_PARTS))
-    line = rb"tinyweb\[[0-9a-f]{12}\]: 413 on POST /app.py/form: %s\n" % re.escape(TOO_MANY_PARTS.encode())
+    assert (status, body) == ("413 Request Entity Too Large", page(413, TOO_MANY_SPOOLED))
+    line = rb"tinyweb\[[0-9a-f]{12}\]: 413 on POST /app.py/form: %s\n" % re.escape(TOO_MANY_SPOOLED.encode())
     assert re.fullmatch(line, out.stderr), out.stderr[-2000:]
 
 

@@ -8,7 +8,7 @@ not load it (runners/oneshot.py).
 
 from webob import exc
 
-__all__ = ["MAX_PARTS", "MAX_PART_HEADER_LINES", "MAX_FIELDS", "MAX_BOUNDARY", "boundary", "mapped",
+__all__ = ["MAX_PARTS", "MAX_SPOOLED_PARTS", "MAX_PART_HEADER_LINES", "MAX_FIELDS", "MAX_BOUNDARY", "boundary", "mapped",
            "check_multipart", "replaced", "check_utf8_urlencoded"]
 
 # Each limit answers a row of notes/bad-inputs.md §3.1.
@@ -18,6 +18,12 @@ __all__ = ["MAX_PARTS", "MAX_PART_HEADER_LINES", "MAX_FIELDS", "MAX_BOUNDARY", "
 #: descriptors (EMFILE); 20k small parts take half a second. Werkzeug's max_form_parts and
 #: Go's mime/multipart ReadForm stop at 1000 too (CVE-2023-25577, CVE-2023-24536).
 MAX_PARTS = 1000
+#: Parts over SPOOLED bytes, each of which cgi.FieldStorage keeps in an open temporary file
+#: until the request ends: 1000 of them would take most of a default RLIMIT_NOFILE of 1024,
+#: shared by every thread of a FastCGI process. Django stops at 100 files too
+#: (DATA_UPLOAD_MAX_NUMBER_FILES).
+MAX_SPOOLED_PARTS = 100
+SPOOLED = 1000  # cgi.FieldStorage.read_lines: past 1000 bytes a part goes to make_file()
 #: Header lines of one part, folded lines included (row 4): cgi reads them with no bound and
 #: the email parser takes seconds over 100k lines (half a minute over 1M folded lines).
 MAX_PART_HEADER_LINES = 100
@@ -89,6 +95,7 @@ def check_multipart(data, boundary):
     size = len(data)
     start = first.end() + 1  # the first part's headers, just past the delimiter's newline
     seen = 0  # parts, and lines of content that begin with the boundary
+    spooled = 0  # parts cgi will keep in a temporary file
     while start < size:
         seen += 1
         if seen > MAX_PARTS:
@@ -105,6 +112,11 @@ def check_multipart(data, boundary):
                 "A part of the form is typed multipart or urlencoded; such parts are not accepted.")
         end, start, strays = _next_delimiter(data, needle, content - 1, MAX_PARTS - seen)
         seen += strays
+        if end - content > SPOOLED:
+            spooled += 1
+            if spooled > MAX_SPOOLED_PARTS:
+                raise exc.HTTPRequestEntityTooLarge(
+                    "The form has more than %d parts over %d bytes." % (MAX_SPOOLED_PARTS, SPOOLED))
         if not is_file:
             # cgi decodes a field with errors="replace": its bytes must be UTF-8, as a
             # urlencoded field's must (row 12), or the handler gets U+FFFD for them.
