@@ -14,6 +14,17 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 
 
+def make_site(tmp_path, app_text, settings=""):
+    """Lay an app out as `tinyweb new` makes it in tmp_path/site: htdocs/app.py and a
+    tinyweb.ini with a secret and ``settings`` (None: no tinyweb.ini). Return the root."""
+    root = tmp_path / "site"
+    (root / "htdocs").mkdir(parents=True)
+    (root / "htdocs" / "app.py").write_text(app_text)
+    if settings is not None:
+        (root / "tinyweb.ini").write_text("[tinyweb]\nsecret = %s\n%s" % (SECRET, settings))
+    return root
+
+
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
     """Keep the developer's tinyweb.ini and TINYWEB_* variables out of a test.

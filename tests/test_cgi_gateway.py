@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from helpers import CHECKOUT, SECRET, cgi_environ, run_cgi, split_cgi
+from helpers import CHECKOUT, SECRET, cgi_environ, make_site, run_cgi, split_cgi
 
 DEMO = CHECKOUT / "htdocs" / "app.py"
 
@@ -131,11 +131,7 @@ def demo_env(tmp_path):
 @pytest.fixture
 def site(tmp_path):
     """An app laid out as `tinyweb new` makes it, with tinyweb importable as if installed."""
-    root = tmp_path / "site"
-    (root / "htdocs").mkdir(parents=True)
-    (root / "htdocs" / "app.py").write_text(SITE_APP)
-    (root / "tinyweb.ini").write_text("[tinyweb]\nsecret = %s\nmax_body = 100000\n" % SECRET)
-    return root
+    return make_site(tmp_path, SITE_APP, "max_body = 100000\n")
 
 
 def site_env(path="/", **extra):

@@ -18,7 +18,7 @@ import pytest
 
 import fcgi_client as fc
 import test_persistent as persistent
-from helpers import CHECKOUT, SECRET, Client, cgi_environ, clean_env, run_cgi, split_cgi  # noqa: F401
+from helpers import CHECKOUT, SECRET, Client, cgi_environ, clean_env, make_site, run_cgi, split_cgi  # noqa: F401
 from test_fcgi import Server, wait_until
 from tinyweb import App
 from tinyweb.deadline import Alarm, Guard, RequestTimeout, Scoreboard
@@ -105,9 +105,7 @@ app.run()
 @pytest.fixture
 def site(tmp_path):
     """Write the app file, and return a function that writes its tinyweb.ini (request_timeout)."""
-    root = tmp_path / "site"
-    (root / "htdocs").mkdir(parents=True)
-    (root / "htdocs" / "app.py").write_text(SITE_APP)
+    root = make_site(tmp_path, SITE_APP, None)
 
     def configure(timeout):
         (root / "tinyweb.ini").write_text(

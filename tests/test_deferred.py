@@ -18,7 +18,7 @@ from wsgiref.validate import validator
 import pytest
 import webob
 
-from helpers import CHECKOUT, SECRET, cgi_environ, clean_env, split_cgi  # noqa: F401  (fixture)
+from helpers import CHECKOUT, SECRET, cgi_environ, clean_env, make_site, split_cgi  # noqa: F401  (fixture)
 from test_fcgi import sock_path, start, wait_until  # noqa: F401  (fixtures)
 from tinyweb import App
 from tinyweb.deferred import MAX_PENDING, TaskPool, TooManyTasks
@@ -310,10 +310,7 @@ app.run()
 @pytest.fixture
 def cgi_site(tmp_path):
     """An app laid out as `tinyweb new` makes it; its detached tasks are stopped at the end."""
-    root = tmp_path / "site"
-    (root / "htdocs").mkdir(parents=True)
-    (root / "htdocs" / "app.py").write_text(CGI_APP)
-    (root / "tinyweb.ini").write_text("[tinyweb]\nsecret = %s\n" % SECRET)
+    root = make_site(tmp_path, CGI_APP)
     started = []
     yield root, started
     for proc in started:

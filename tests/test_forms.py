@@ -10,7 +10,7 @@ from wsgiref.validate import validator
 import pytest
 import webob
 
-from helpers import (CHECKOUT, SECRET, Client, cgi_environ, clean_env,  # noqa: F401  (a fixture)
+from helpers import (CHECKOUT, SECRET, Client, cgi_environ, clean_env, make_site,  # noqa: F401  (a fixture)
                      run_cgi, split_cgi)
 from tinyweb import App
 from tinyweb.forms import MAX_FIELDS, MAX_PART_HEADER_LINES, MAX_PARTS, MAX_SPOOLED_PARTS
@@ -491,11 +491,7 @@ app.run()
 @pytest.fixture
 def forms_site(tmp_path):
     """An app laid out as `tinyweb new` makes it, run as a CGI script from its htdocs/."""
-    root = tmp_path / "site"
-    (root / "htdocs").mkdir(parents=True)
-    (root / "htdocs" / "app.py").write_text(FORMS_APP)
-    (root / "tinyweb.ini").write_text("[tinyweb]\nsecret = %s\n" % SECRET)
-    return root
+    return make_site(tmp_path, FORMS_APP)
 
 
 def run_form(site, body, **extra):

@@ -21,7 +21,7 @@ import pytest
 import webob
 from webob import exc
 
-from helpers import CHECKOUT, SECRET, Client, cgi_environ, clean_env, split_cgi  # noqa: F401
+from helpers import CHECKOUT, SECRET, Client, cgi_environ, clean_env, make_site, split_cgi  # noqa: F401
 from tinyweb import App, session_sweep, sessions
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -409,7 +409,7 @@ def test_parallel_threads_each_keep_their_key_and_the_file_always_parses(data_di
     parties = 50
     app = make_parallel_app(data_dir, parties)
     value, _ = cookie_of(Client(app).get("/count"))
-    path = session_file(data_dir, value)
+    assert session_file(data_dir, value).exists()  # stored before the parallel requests begin
     results, reads, bad_reads = [], [], []
     done = threading.Event()
 
@@ -480,11 +480,7 @@ app.run()
 @pytest.fixture
 def site(tmp_path):
     """A CGI app laid out as `tinyweb new` makes it; its sessions in site/data."""
-    root = tmp_path / "site"
-    (root / "htdocs").mkdir(parents=True)
-    (root / "htdocs" / "app.py").write_text(SITE_APP)
-    (root / "tinyweb.ini").write_text("[tinyweb]\nsecret = %s\n" % SECRET)
-    return root
+    return make_site(tmp_path, SITE_APP)
 
 
 def site_env(path, **extra):
