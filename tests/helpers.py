@@ -14,6 +14,19 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 
 
+def run_wsgi(app, environ):
+    """Run ``app`` under wsgiref's validator to its body's close(); return (status, body, log),
+    the log being what went to ``environ["wsgi.errors"]`` (a StringIO)."""
+    errors = environ["wsgi.errors"]  # the validator wraps it in place
+    statuses = []
+    body = validator(app)(environ, lambda status, headers, exc_info=None: statuses.append(status))
+    try:
+        data = b"".join(body)
+    finally:
+        body.close()
+    return statuses[0], data, errors.getvalue()
+
+
 def make_site(tmp_path, app_text, settings=""):
     """Lay an app out as `tinyweb new` makes it in tmp_path/site: htdocs/app.py and a
     tinyweb.ini with a secret and ``settings`` (None: no tinyweb.ini). Return the root."""

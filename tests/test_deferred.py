@@ -13,12 +13,11 @@ import sys
 import threading
 import time
 from urllib.parse import urlencode
-from wsgiref.validate import validator
 
 import pytest
 import webob
 
-from helpers import CHECKOUT, SECRET, cgi_environ, clean_env, make_site, split_cgi  # noqa: F401  (fixture)
+from helpers import CHECKOUT, SECRET, cgi_environ, clean_env, make_site, run_wsgi, split_cgi  # noqa: F401  (fixture)
 from test_fcgi import sock_path, start, wait_until  # noqa: F401  (fixtures)
 from tinyweb import App
 from tinyweb.deferred import MAX_PENDING, TaskPool, TooManyTasks
@@ -110,15 +109,7 @@ def environ_for(path, events):
 
 def call(app, path, events):
     """Run ``app`` through wsgiref's validator to the body's close(); return (status, body, log)."""
-    environ = environ_for(path, events)
-    errors = environ["wsgi.errors"]  # the validator wraps it in place
-    statuses = []
-    body = validator(app)(environ, lambda status, headers, exc_info=None: statuses.append(status))
-    try:
-        data = b"".join(body)
-    finally:
-        body.close()
-    return statuses[0], data, errors.getvalue()
+    return run_wsgi(app, environ_for(path, events))
 
 
 def test_the_task_runs_when_the_server_closes_the_body_not_before(app):

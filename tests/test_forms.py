@@ -5,12 +5,11 @@ import io
 import json
 import re
 import time
-from wsgiref.validate import validator
 
 import pytest
 import webob
 
-from helpers import (CHECKOUT, SECRET, Client, cgi_environ, clean_env, make_site,  # noqa: F401  (a fixture)
+from helpers import (CHECKOUT, SECRET, Client, cgi_environ, clean_env, make_site, run_wsgi,  # noqa: F401  (a fixture)
                      run_cgi, split_cgi)
 from tinyweb import App
 from tinyweb.forms import MAX_FIELDS, MAX_PART_HEADER_LINES, MAX_PARTS, MAX_SPOOLED_PARTS
@@ -145,14 +144,8 @@ def call(app, body=b"", content_type=MULTIPART, length=None, stream=None, path="
     environ["CONTENT_TYPE"] = content_type
     environ["CONTENT_LENGTH"] = str(len(body) if length is None else length)
     environ["wsgi.input"] = stream if stream is not None else io.BytesIO(body)
-    errors = environ["wsgi.errors"] = io.StringIO()
-    started = []
-    result = validator(app)(environ, lambda status, headers, exc_info=None: started.append(status))
-    try:
-        data = b"".join(result)
-    finally:
-        result.close()
-    return started[0], data, errors.getvalue()
+    environ["wsgi.errors"] = io.StringIO()
+    return run_wsgi(app, environ)
 
 
 def _size(i, every):

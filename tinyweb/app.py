@@ -135,7 +135,6 @@ class App:
 
         from tinyweb import responses
         from tinyweb.config import ConfigError
-        from tinyweb.deadline import TOO_LONG, RequestTimeout
         from tinyweb.sessions import SessionStoreError
 
         environ = request.environ
@@ -162,14 +161,6 @@ class App:
         except SessionStoreError as error:
             self._log(environ, "503 on %s: %s" % (_request_line(environ), error))
             return exc.HTTPServiceUnavailable("The session store is unavailable; try again later.")
-        except RequestTimeout as error:
-            # Raised by a gateway's deadline (tinyweb/deadline.py), wherever the handler was:
-            # the traceback shows where. The session is not saved: the handler never finished.
-            import traceback
-
-            text = traceback.format_exc().rstrip()
-            self._log(environ, "503 on %s: %s\n%s" % (_request_line(environ), error, text))
-            return exc.HTTPServiceUnavailable(TOO_LONG)
         except Exception as error:
             import traceback
 

@@ -4,7 +4,8 @@ A gateway that runs requests in its main thread wraps the app in a ``Guard`` wit
 ``Alarm``: ``signal.setitimer`` arms SIGALRM for ``request_timeout`` seconds around the app
 call, around each chunk of a streamed body and around ``close()``, and disarms it while the
 gateway writes. When it rings, ``RequestTimeout`` is raised wherever the handler is (a sleep, a
-loop, a blocked read); the App answers 503, or the Guard does when the App could not. Once
+loop, a blocked read); a BaseException, it passes through the App (and any handler's
+``except Exception``) to the Guard, which answers 503 and logs where it was raised. Once
 output has gone out there is no 503 to give: the Guard raises ``ResponseCutOff`` and the
 gateway ends the response short.
 
@@ -289,8 +290,8 @@ class Guard:
             finally:
                 timer.pause(token)
         except RequestTimeout as exc:
-            # What the App did not turn into a 503 itself: a plain WSGI callable, or a deadline
-            # that passed outside the handler (WebOb building the response, say).
+            # From the handler, WebOb building the response, or any WSGI callable: the one
+            # place a deadline becomes a 503.
             timer.end(token)
             _close(result)
             return self.timed_out(environ, start_response, exc)

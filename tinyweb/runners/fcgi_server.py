@@ -63,6 +63,7 @@ class GatewayRequest(fb.Request):
             # On the worker's pool, so a slow task never holds its next request.
             worker.tasks.submit(self.params.get("tinyweb.after_response"))
 
+
 class GatewayServer(fb.BaseFCGIServer):
     request_class = GatewayRequest
 
