@@ -991,3 +991,31 @@ def test_fcgi_without_bind_or_socket_on_stdin_is_a_usage_error(start):
     server = start("--mode", "fcgi", ready=False)
     assert server.wait_exit() == 2
     assert "stdin is not one; give --bind PATH or --bind :PORT" in server.stderr
+
+
+def test_a_worker_never_imports_argparse(tmp_path, start):
+    # Options are read without argparse and gettext, which would stay in every worker's
+    # memory for good (bench/README.md, worker RSS).
+    (tmp_path / "app.py").write_text(APP_REPORTING_MODULES)
+    sock = str(tmp_path / "app.sock")
+    server = start("--mode", "fcgi", "--bind", "unix:" + sock, "--socket-mode", "0600",
+                   "--workers", "1", "--max-requests=1000", address=sock)
+    response = server.fetch("/")
+    assert (response.status, response.body) == (200, b"loaded: tinyweb.runners.prefork")
+
+
+APP_REPORTING_MODULES = """
+import sys
+import tinyweb
+
+app = tinyweb.App(__name__)
+
+
+@app.get("/")
+def index(request):
+    names = ("argparse", "gettext", "tinyweb.runners.prefork")
+    return "loaded: " + " ".join(name for name in names if name in sys.modules)
+
+
+app.run()
+"""

@@ -1,6 +1,7 @@
 """Choosing the gateway: flags, TINYWEB_* variables, detection, and --bind addresses."""
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -143,6 +144,50 @@ def test_bad_flags_exit_with_usage(argv, capsys):
         choose_mode(argv, {}, is_main=True)
     assert caught.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+# The usual command lines are read without argparse (options._plain_args); whatever they
+# read must be what argparse reads, and whatever they cannot read must go to argparse.
+
+_WORDS = ["--mode", "fcgi", "dev", "ftp", "--bind", "unix:/run/a.sock", ":9000", "--workers", "3",
+          "0", "x", "--threads", "--max-requests", "--umask", "022", "9", "--socket-group",
+          "www-data", "--socket-mode", "0660", "--host", "::1", "--port", "8001", "99999",
+          "--reload", "--reload=1", "--work", "--mode=dev", "--port=", "--umask=0077", "-h", "--",
+          "-1", "--bogus", "--workers=2", "--bind=a=b"]
+_ENVIRONS = [{}, {"TINYWEB_WORKERS": "8", "TINYWEB_BIND": ":9000"}, {"TINYWEB_MODE": "fcgi"},
+             {"TINYWEB_PORT": "0"}, {"TINYWEB_UMASK": "-22"}, {"TINYWEB_THREADS": "2"},
+             {"TINYWEB_SOCKET_GROUP": "--x"}, {"TINYWEB_MAX_REQUESTS": "500", "TINYWEB_HOST": "h"}]
+
+
+def _read_by(reader, argv, environ):
+    try:
+        return "read", reader(argv, environ)
+    except SystemExit as exc:  # argparse's usage error
+        return "exit", exc.code
+    except UsageError as exc:
+        return "usage", str(exc)
+
+
+def test_plain_command_lines_read_as_argparse_reads_them(capsys):
+    from tinyweb.runners import options
+
+    rng = random.Random(4)
+    cases = [(["--mode", "fcgi", "--bind", "unix:/run/a.sock", "--socket-mode", "0660"], {}),
+             ([], {}), (["--workers", "2", "--max-requests=100"], {"TINYWEB_UMASK": "007"})]
+    cases += [([rng.choice(_WORDS) for _ in range(rng.randint(0, 5))], rng.choice(_ENVIRONS))
+              for _ in range(1500)]
+    plain = 0
+    for argv, environ in cases:
+        quick = _read_by(lambda a, e: options._plain_args(a, e), argv, environ)
+        full = _read_by(lambda a, e: options._argparse_args(a, e, "app.py"), argv, environ)
+        if quick[0] != "read" or quick[1] is None:
+            continue  # left to argparse, as intended
+        plain += 1
+        assert quick == full, (argv, environ)
+    capsys.readouterr()
+    assert plain > 150  # the generator reaches the plain path, not only the fallback
+    for argv, environ in cases[:3]:
+        assert options._plain_args(argv, environ) is not None
 
 
 # -- --bind addresses --------------------------------------------------------------------

@@ -149,6 +149,35 @@ def build_parser(prog=None):
 
 def parse_options(argv, environ, prog=None):
     """Return Options from ``argv`` and ``environ``; a flag beats its environment variable."""
+    args = _plain_args(argv, environ)
+    if args is None:
+        args = _argparse_args(argv, environ, prog)
+    if args["workers"] is not None and args["threads"] is not None:
+        # A UsageError, not parser.error(): either may come from the environment.
+        raise UsageError("--workers and --threads (TINYWEB_WORKERS, TINYWEB_THREADS) exclude each "
+                         "other: choose one process model")
+    options = Options(
+        mode=args["mode"],
+        bind=parse_address(args["bind"]) if args["bind"] is not None else None,
+        workers=args["workers"],
+        threads=args["threads"],
+        max_requests=args["max_requests"] or 0,
+        umask=args["umask"],
+        socket_group=args["socket_group"],
+        socket_mode=args["socket_mode"],
+        host=args["host"] or "127.0.0.1",
+        port=args["port"] or 8000,
+        reload=args["reload"],
+    )
+    if options.bind is not None and options.mode is None:
+        options.mode = "fcgi"
+    return options
+
+
+def _argparse_args(argv, environ, prog):
+    """Parse with argparse: every form of the command line it knows, --help, and the errors."""
+    import argparse
+
     parser = build_parser(prog)
     # Environment values go through the same parser, so they are checked the same way.
     env_argv = []
@@ -156,8 +185,6 @@ def parse_options(argv, environ, prog=None):
         value = environ.get(env)
         if value:
             env_argv.append("%s=%s" % (flag, value))
-
-    import argparse
 
     class _Raising(argparse.ArgumentParser):
         def error(self, message):
@@ -167,25 +194,52 @@ def parse_options(argv, environ, prog=None):
     env_parser.__class__ = _Raising
     defaults = vars(env_parser.parse_args(env_argv))
     parser.set_defaults(**{k: v for k, v in defaults.items() if v is not None})
-    args = parser.parse_args(argv)
+    return vars(parser.parse_args(argv))
 
-    if args.workers is not None and args.threads is not None:
-        # A UsageError, not parser.error(): either may come from the environment.
-        raise UsageError("--workers and --threads (TINYWEB_WORKERS, TINYWEB_THREADS) exclude each "
-                         "other: choose one process model")
-    options = Options(
-        mode=args.mode,
-        bind=parse_address(args.bind) if args.bind is not None else None,
-        workers=args.workers,
-        threads=args.threads,
-        max_requests=args.max_requests or 0,
-        umask=args.umask,
-        socket_group=args.socket_group,
-        socket_mode=args.socket_mode,
-        host=args.host or "127.0.0.1",
-        port=args.port or 8000,
-        reload=args.reload,
-    )
-    if options.bind is not None and options.mode is None:
-        options.mode = "fcgi"
-    return options
+
+def _plain_args(argv, environ):
+    """Read what argparse would from ``--flag value`` and ``--flag=value`` alone, else None.
+
+    A FastCGI worker is forked from the process that read its options, and argparse with
+    gettext is ~600 KiB of RSS in it for good (bench/README.md): the usual command line, or
+    none under mod_fcgid, is read here without them. Anything else (--help, an abbreviated
+    or unknown flag, a value argparse would refuse or might read otherwise) goes to argparse,
+    so its messages and exit status stay the ones users get; tests/test_modes.py checks that
+    both read the same.
+    """
+    specs = {flag: kwargs for flag, _, kwargs in _FLAGS}
+    args = {flag[2:].replace("-", "_"): None for flag in specs}
+    args["reload"] = False
+
+    def take(flag, text):
+        kwargs = specs[flag]
+        if not text or text.startswith("-"):
+            return False  # argparse's reading of an empty or dash-led value is its own
+        try:
+            value = kwargs.get("type", str)(text)
+        except Exception:  # noqa: BLE001 - argparse says what is wrong with it
+            return False
+        if value not in kwargs.get("choices", (value,)):
+            return False
+        args[flag[2:].replace("-", "_")] = value
+        return True
+
+    for flag, env, _ in _FLAGS:
+        if environ.get(env) and not take(flag, environ[env]):
+            return None
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        if word == "--reload":
+            args["reload"] = True
+            continue
+        flag, equals, text = word.partition("=")
+        if flag not in specs:
+            return None
+        if not equals:
+            if not words:
+                return None
+            text = words.pop(0)
+        if not take(flag, text):
+            return None
+    return args
