@@ -3,6 +3,7 @@ web server runs it (RFC 3875), checked byte for byte on stdout."""
 import re
 
 import hashlib
+import hmac
 import json
 import os
 
@@ -57,7 +58,8 @@ def boom(request):
 def stdlib(request):
     # Imported by WebOb or Beaker, but not used by a hello or a session read and write.
     deferred = ["urllib.request", "email.utils", "calendar", "cgi", "tempfile", "mimetypes", "json",
-                "html", "importlib.metadata", "inspect", "traceback", "socket"]
+                "html", "importlib.metadata", "inspect", "traceback", "socket", "hashlib", "hmac",
+                "queue"]
     result = {}
     if "session" in request.GET:
         request.session["seen"] = result["seen"] = request.session.get("seen", 0) + 1
@@ -76,7 +78,11 @@ def stdlib_works(request):
     import webob.datetime_utils
     import webob.request
     import beaker.cache
+    import beaker.crypto
     import beaker.util
+    import webob.cookies
+    import webob.response
+    import webob.util
 
     with webob.compat.url_open("file://" + os.path.abspath(__file__)) as f:
         url_open = b"app.run()" in f.read()
@@ -91,6 +97,12 @@ def stdlib_works(request):
         "tempfile": webob.request.tempfile.TemporaryFile is not None,
         "signature": list(beaker.util.func_signature(lambda a, b=1: None).parameters),
         "entry_points": beaker.cache.importlib.metadata.entry_points(group="tinyweb-none") == (),
+        "md5": webob.response.md5(b"abc").hexdigest(),
+        "signed": webob.cookies.SignedSerializer("k", "s").loads(
+            webob.cookies.SignedSerializer("k", "s").dumps({"a": 1})),
+        "differ": [webob.util.strings_differ("ab", "ab"), webob.util.strings_differ("ab", "ac")],
+        "beaker_hmac": beaker.crypto.hmac.new(b"k", b"m", beaker.crypto.sha1).hexdigest(),
+        "queue": webob.compat.Queue().empty(),
     }
 
 
@@ -313,15 +325,18 @@ def test_cgi_hello_loads_none_of_the_deferred_stdlib_modules(site):
 
 
 def test_cgi_session_loads_none_of_beakers_deferred_modules(site):
-    # Sessions are stored as JSON, so json is the one deferred module a session loads.
+    # Sessions are stored as JSON and their cookie is signed with HMAC: those are the
+    # deferred modules a session loads.
     out = run_site(site, site_env("/stdlib", QUERY_STRING="session"))
     status, headers, body = split_cgi(out.stdout)
     assert status == "200 OK"
-    assert json.loads(body) == {"seen": 1, "loaded": ["json"], "stand_ins": []}
+    assert json.loads(body) == {"seen": 1, "loaded": ["hashlib", "hmac", "json"],
+                                "stand_ins": []}
     cookie = dict(headers)["Set-Cookie"].split(";")[0]
     # A second request reads the stored session and writes it again.
     out = run_site(site, site_env("/stdlib", QUERY_STRING="session", HTTP_COOKIE=cookie))
-    assert json.loads(split_cgi(out.stdout)[2]) == {"seen": 2, "loaded": ["json"], "stand_ins": []}
+    assert json.loads(split_cgi(out.stdout)[2]) == {"seen": 2, "loaded": ["hashlib", "hmac", "json"],
+                                                        "stand_ins": []}
     assert out.stderr == b""
 
 
@@ -337,6 +352,11 @@ def test_deferred_stdlib_functions_still_work_under_cgi(site):
         "tempfile": True,
         "signature": ["a", "b"],
         "entry_points": True,
+        "md5": hashlib.md5(b"abc").hexdigest(),
+        "signed": {"a": 1},
+        "differ": [False, True],
+        "beaker_hmac": hmac.new(b"k", b"m", hashlib.sha1).hexdigest(),
+        "queue": True,
     }
     assert out.stderr == b""
 

@@ -10,12 +10,15 @@ and loading those modules is about a third of a cold CGI hello (bench/README.md,
   email.utils, and ``calendar`` (socket, locale, email.charset), used only when a date
   header is read or written; webob/request.py: ``mimetypes``, for ``Request.blank``;
   ``json`` (webob's request, response, cookies, exc) and ``escape`` from html, used only
-  by a JSON body or cookie and by WebOb's own error pages;
+  by a JSON body or cookie and by WebOb's own error pages; ``hashlib`` and ``hmac``
+  (OpenSSL's libcrypto), used only by signed cookies and ``md5_etag``; ``Queue`` and
+  ``Empty`` from queue (threading), which WebOb binds and never uses;
 - beaker/cache.py: ``importlib.metadata`` (zipfile, csv, email), used only to look up a
   backend that is not built in, and ``traceback``, to report one that fails to load;
   ``signature`` from inspect (ast, dis, tokenize), used only by Beaker's cache
   decorators; beaker/util.py: ``socket``, unused; beaker/_compat.py: ``dbm.dumb`` (ast)
-  where there is no gdbm, for the dbm backend only.
+  where there is no gdbm, for the dbm backend only; beaker/crypto/util.py: ``md5`` and
+  ``sha1`` from hashlib, loaded when a session's cookie is signed.
 
 ``importlib.util.LazyLoader`` cannot help: ``from urllib.request import urlopen`` touches
 the module at once. So, while a module of WebOb or Beaker executes for the first time, a
@@ -52,6 +55,9 @@ DEFERRED = {
     "traceback": (),
     "socket": (),
     "dbm.dumb": (),
+    "hashlib": ("md5", "sha1"),
+    "hmac": ("compare_digest",),
+    "queue": ("Queue", "Empty"),
 }
 
 
