@@ -12,7 +12,7 @@ import webob
 from helpers import (CHECKOUT, SECRET, Client, cgi_environ, clean_env, make_site, run_wsgi,  # noqa: F401  (a fixture)
                      run_cgi, split_cgi)
 from tinyweb import App
-from tinyweb.forms import MAX_FIELDS, MAX_PART_HEADER_LINES, MAX_PARTS, MAX_SPOOLED_PARTS
+from tinyweb.forms import MAX_FIELDS, MAX_LINES, MAX_PART_HEADER_LINES, MAX_PARTS, MAX_SPOOLED_PARTS
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -32,6 +32,7 @@ TOO_MANY_PARTS = "The form has more than %d parts." % MAX_PARTS
 TOO_MANY_SPOOLED = "The form has more than %d parts over 1000 bytes." % MAX_SPOOLED_PARTS
 TOO_MANY_FIELDS = "The form has more than %d fields." % MAX_FIELDS
 TOO_MANY_QUERY_FIELDS = "The query string has more than %d fields." % MAX_FIELDS
+TOO_MANY_LINES = "The form has more than %d lines." % MAX_LINES
 TOO_MANY_HEADERS = "A part of the form has more than %d header lines." % MAX_PART_HEADER_LINES
 UNENDED_HEADERS = "A part of the form has no blank line after its headers."
 NESTED = "A part of the form is typed multipart or urlencoded; such parts are not accepted."
@@ -337,6 +338,22 @@ def test_query_string_with_1000_fields_is_parsed_and_1001_is_414(client, separat
 def test_20_mb_part_without_crlf_is_413_by_max_body(client):
     body = multipart([upload("f", "big.bin", b"\n" + b"a" * (20 * 1024 * 1024))])
     assert_refused(post(client, body, status=413), 413, TOO_LARGE)
+
+
+def test_part_of_2m_bare_newlines_under_max_body_is_413_unparsed(client, temp_files):
+    # cgi.FieldStorage reads a line at a time, ~0.5 us each: 10 MB of newlines is 5 s of CPU.
+    body = multipart([upload("f", "lines.txt", b"\n" * (2 * MAX_LINES)), field("note", "ok")])
+    assert_refused(post(client, body, status=413), 413, TOO_MANY_LINES)
+    assert temp_files == []  # refused before cgi spooled the part
+
+
+def test_form_of_1m_lines_is_parsed(client):
+    content = b"\n" * (MAX_LINES - 10)  # the delimiters and headers are lines too
+    res = post(client, multipart([upload("f", "lines.txt", content), field("note", "ok")]))
+    assert res.json == {"fields": [["f", file_info("lines.txt", content)], ["note", "ok"]]}
+    over = content + b"\n" * 10
+    res = post(client, multipart([upload("f", "lines.txt", over), field("note", "ok")]), status=413)
+    assert_refused(res, 413, TOO_MANY_LINES)
 
 
 def test_9_mb_part_without_crlf_under_max_body_is_parsed(client):
