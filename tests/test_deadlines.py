@@ -92,6 +92,20 @@ def gil(request):
     return "never"
 
 
+def mark(path):
+    path.write_text("ran")
+
+
+@app.get("/defer-then-sleep/{seconds}")
+def defer_then_sleep(request, seconds):
+    # The task would leave a file behind; the handler then sleeps, past the deadline or not.
+    data = request.app.config.data_dir
+    data.mkdir(exist_ok=True)
+    request.defer(mark, data / ("ran-after-" + seconds))
+    time.sleep(float(seconds))
+    return "slept"
+
+
 @app.get("/alarm")
 def alarm(request):
     return {"handler": repr(signal.getsignal(signal.SIGALRM)),
@@ -242,6 +256,19 @@ def test_cgi_hung_handler_answers_503(site, path, where):
     err = out.stderr.decode()
     assert "503 on GET /app.py%s: the request ran past request_timeout (1 s)" % path in err
     assert "Traceback (most recent call last)" in err and where in err
+
+
+def test_cgi_tasks_of_a_timed_out_request_are_dropped(site):
+    root = site(1)
+    out, _ = _cgi(root, "/defer-then-sleep/30")
+    assert split_cgi(out.stdout)[0] == "503 Service Unavailable"
+    assert ("503 on GET /app.py/defer-then-sleep/30: the request ran past request_timeout (1 s) "
+            "(1 deferred task dropped)\nTraceback") in out.stderr.decode()
+    # The same task of a request that completes runs; by then the other's would have too.
+    out, _ = _cgi(root, "/defer-then-sleep/0")
+    assert split_cgi(out.stdout)[::2] == ("200 OK", b"slept")
+    wait_until(lambda: (root / "data" / "ran-after-0").exists(), 10, "the task to run")
+    assert not (root / "data" / "ran-after-30").exists()
 
 
 def test_cgi_stream_whose_next_chunk_never_comes_is_cut_off(site):

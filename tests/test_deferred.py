@@ -92,6 +92,13 @@ def app(clean_env, tmp_path):
                 request.defer(record, events, i)
         return "queued"
 
+    @app.get("/defer-then-raise")
+    def defer_then_raise(request):
+        events = request.environ["test.events"]
+        request.defer(record, events, "receipt")
+        request.defer(record, events, "mail")
+        raise RuntimeError("the order could not be saved")
+
     @app.get("/not-callable")
     def not_callable(request):
         request.defer("not a function")
@@ -159,6 +166,18 @@ def test_the_17th_task_of_a_request_is_refused_with_a_500(app):
     status, body, log = call(app, "/many?n=%d" % (MAX_PENDING + 1), events)
     assert status == "500 Internal Server Error"
     assert "TooManyTasks: 16 deferred tasks are already pending in this process (at most 16)" in log
+    assert events == []  # the request failed: the 16 it queued are dropped with it
+    assert " on GET /many?n=17 (16 deferred tasks dropped)\nTraceback" in log
+
+
+def test_tasks_of_a_handler_that_raises_are_dropped_with_a_500(app):
+    # A task follows a response (the receipt for an order taken); a 500 is no such response.
+    events = []
+    status, body, log = call(app, "/defer-then-raise", events)
+    assert status == "500 Internal Server Error"
+    assert events == []
+    assert "500 on GET /defer-then-raise (2 deferred tasks dropped)\nTraceback" in log
+    assert "RuntimeError: the order could not be saved" in log
 
 
 def test_a_handler_can_catch_too_many_tasks_and_answer_503(app):

@@ -164,8 +164,11 @@ class App:
         except Exception as error:
             import traceback
 
+            from tinyweb.deferred import drop, dropped_note
+
             text = traceback.format_exc()
-            self._log(environ, "500 on %s\n%s" % (_request_line(environ), text.rstrip()))
+            note = dropped_note(drop(environ))
+            self._log(environ, "500 on %s%s\n%s" % (_request_line(environ), note, text.rstrip()))
             debug = False
             if not isinstance(error, ConfigError):
                 try:

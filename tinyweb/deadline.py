@@ -380,10 +380,15 @@ def _close(result):
 
 
 def _log(environ, what, exc, text):
-    """Log one line about the request, as the App logs a 500, with where it was stuck."""
-    from tinyweb.app import App, _request_line
+    """Log one line about the request, as the App logs a 500, with where it was stuck.
 
-    App._log(environ, "%s on %s: %s\n%s" % (what, _request_line(environ), exc, text))
+    The tasks the request deferred are dropped, as after a 500: it did not complete.
+    """
+    from tinyweb.app import App, _request_line
+    from tinyweb.deferred import drop, dropped_note
+
+    note = dropped_note(drop(environ))
+    App._log(environ, "%s on %s: %s%s\n%s" % (what, _request_line(environ), exc, note, text))
 
 
 _PAGE = """<!DOCTYPE html>
