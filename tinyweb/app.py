@@ -197,11 +197,13 @@ class App:
     @staticmethod
     def _log(environ, text):
         stream = environ.get("wsgi.errors") or sys.stderr
-        stream.write("tinyweb[%s]: %s\n" % (_request_id(environ), text))
+        line = "tinyweb[%s]: %s\n" % (_request_id(environ), text)
         try:
-            stream.flush()
-        except (AttributeError, OSError):
-            pass
+            stream.write(line)
+            getattr(stream, "flush", lambda: None)()
+        except (OSError, ValueError):
+            if stream is not sys.stderr:  # the server's error stream is gone: ours, then
+                sys.stderr.write(line)
 
 
 def _request_id(environ):

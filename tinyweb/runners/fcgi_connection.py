@@ -11,6 +11,7 @@ this module imports flup: only fcgi.py's ``serve`` does, so a CGI request never 
 import select
 import socket
 import struct
+import sys
 import time
 
 from flup.server import fcgi_base as fb
@@ -387,6 +388,9 @@ class GatewayConnection(fb.Connection):
         # and so do a whole body's (flup writes its headers and body apart): one send for
         # a whole response, where streaming needs each chunk sent as it comes.
         if self._failure is not None:
+            if rec.type == fb.FCGI_STDERR:
+                self._orphaned_stderr(rec.contentData)
+                return
             raise self._failure
         data = rec.contentData
         hold = rec.type in (fb.FCGI_STDOUT, fb.FCGI_STDERR) and (
@@ -414,6 +418,20 @@ class GatewayConnection(fb.Connection):
         except OSError as exc:
             self._fail(exc)  # a dead peer fails every later write at once
             raise
+
+    def _orphaned_stderr(self, data):
+        """Log to our own stderr what the app logged (wsgi.errors) after the web server went.
+
+        Raising would fail the app's logging of that very loss (a 400 for a body cut short
+        logged as a 500 with a traceback). Bound to a socket of our own, flup's
+        TeeOutputStream has written it to our stderr already (fcgi_base.py:1087).
+        """
+        if data and self.server._bindAddress is None:
+            try:
+                sys.stderr.write(data.decode("utf-8", "replace"))
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
 
     def _holding(self, rec):
         if rec.type != fb.FCGI_STDOUT or self._held_size + len(rec.contentData) > HOLD_LIMIT:
