@@ -8,10 +8,10 @@ import zlib
 
 try:
     # CPython's own md5, the one hashlib falls back to: the same digest, as fast as OpenSSL's
-    # for a page (bench/README.md), and calling it leaves libcrypto's EVP code unpaged, about
-    # 600 KiB of RSS in every FastCGI worker (OpenSSL 3 fetches a provider on each new hash).
+    # for a page, and calling it leaves unpaged the ~600 KiB of libcrypto that OpenSSL's md5
+    # brought into every FastCGI worker's RSS (bench/README.md, worker memory).
     from _md5 import md5 as _md5
-except ImportError:  # a build without it (FIPS builds drop it): OpenSSL's
+except ImportError:  # a Python built without it (--with-builtin-hashlib-hashes): OpenSSL's
     from hashlib import md5 as _md5
 
 __all__ = ["finish", "accepts_gzip", "compressible", "GZIP_LEVEL", "MIN_GZIP_SIZE"]
