@@ -6,6 +6,8 @@ import hashlib
 import hmac
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -114,6 +116,15 @@ def upload(request):
     return {"note": request.POST["note"], "name": upload.filename,
             "sha256": hashlib.sha256(upload.file.read()).hexdigest(),
             "field_storage": [k.__module__ + "." + k.__name__ for k in type(upload).__mro__]}
+
+
+@app.get("/slow-stream")
+def slow_stream(request):
+    import time
+
+    yield "first\\n"
+    time.sleep(1)
+    yield "second\\n"
 
 
 @app.get("/dated")
@@ -391,3 +402,16 @@ def test_last_modified_and_if_modified_since_under_cgi(site):
     assert (status, body) == ("304 Not Modified", b"")
     out = run_site(site, site_env("/dated", HTTP_IF_MODIFIED_SINCE="Thu, 01 Jan 2026 00:00:00 GMT"))
     assert split_cgi(out.stdout)[::2] == ("200 OK", b"dated")
+
+
+def test_a_client_gone_mid_stream_is_a_quiet_exit(site):
+    # The web server stops reading (its client went) while the handler streams: the next
+    # write fails, and Python's exit would flush the rest again ("Exception ignored ...
+    # BrokenPipeError" in the error log, exit status 120).
+    proc = subprocess.Popen([sys.executable, str(site / "htdocs" / "app.py")],
+                            env=site_env("/slow-stream"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1) == b"S"  # "Status: 200 OK": the response has begun
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=20)
+    assert (proc.returncode, err) == (0, b"")

@@ -193,6 +193,12 @@ def serve(app, options):
         sys.stdout = saved
         if alarm is not None:
             alarm.uninstall()
+    try:
+        stdout.flush()
+    except OSError:  # the client went away mid-response (wsgiref let it pass)
+        from tinyweb.runners.persistent import let_go_of_stdout
+
+        let_go_of_stdout()
     length = environ.get("CONTENT_LENGTH", "")
     if length.isascii() and length.isdigit() and int(length) > stdin.consumed:
         stdin.drain(int(length))

@@ -28,7 +28,7 @@ import marshal
 import os
 import sys
 
-__all__ = ["handoff", "socket_path", "spawn_worker"]
+__all__ = ["handoff", "socket_path", "spawn_worker", "let_go_of_stdout"]
 
 MAGIC = b"TWP1"
 ANSWER_RESPONSE = b"R"
@@ -165,7 +165,7 @@ def handoff(app_file):
                       b"The app's worker stopped before answering.\n")
             out.flush()
         except OSError:
-            pass
+            let_go_of_stdout()
     if why:
         sys.stderr.write("tinyweb: the CGI worker for %s %s\n" % (app_file, why))
     if left:
@@ -231,7 +231,23 @@ def _relay(sock, out, env):
                 out.write(data)
                 out.flush()
             except OSError:
+                let_go_of_stdout()
                 return True, left, None  # the client went away: nobody to answer
+
+
+def let_go_of_stdout():
+    """Point fd 1 at /dev/null, for the web server has stopped reading it (its client went).
+
+    What sys.stdout still buffers would fail again when Python flushes it at exit: "Exception
+    ignored ... BrokenPipeError" in the error log, and exit status 120 (the recipe is in the
+    signal module's documentation, "Note on SIGPIPE").
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
 
 
 def _drain_stdin(left, limit=64 * 1024 * 1024, seconds=10.0):
