@@ -409,25 +409,61 @@ def test_fcgi_handler_stuck_in_c_is_killed_by_the_supervisor(site, start, tmp_pa
     assert server.proc.poll() is None
 
 
-def test_fcgi_threads_watchdog_restarts_the_process_after_the_others_finish(site, start, tmp_path):
+def test_fcgi_threads_watchdog_answers_503_and_restarts_the_process_after_the_others_finish(
+        site, start, tmp_path):
     server = _fcgi(start, tmp_path, site(3), "--threads", "4", env={"TEST_GRACE": "3"})
     first = _pid(server)
     with ThreadPoolExecutor(3) as pool:
+        began = time.monotonic()
         hung = pool.submit(server.fetch, "/sleep/30", timeout=30)
         time.sleep(2.5)
         # In flight when the hung one passes its deadline (3 s, seen within a 0.75 s tick),
         # each well within its own.
         others = [pool.submit(server.fetch, "/sleep/2", timeout=30) for _ in range(2)]
+        # A thread cannot be interrupted: the watchdog answers for it, at its deadline.
+        r = hung.result(timeout=30)
+        assert time.monotonic() - began < 3 + ANSWER_WITHIN
+        assert r.status == 503 and b"The request took too long." in r.body
+        assert ("Content-Type", "text/html; charset=utf-8") in r.headers
         for other in others:
             r = other.result(timeout=30)
             assert (r.status, r.body) == (200, b"slept 2 in %d" % first)
-        with pytest.raises((EOFError, ConnectionResetError)):
-            hung.result(timeout=30)  # a thread cannot be interrupted: its connection just ends
+    assert "503 on GET /app.py/sleep/30: the request ran past request_timeout (3 s); its thread " \
+           "runs on, and nothing more it writes goes out" in server.stderr
     assert "GET /app.py/sleep/30 has run for" in server.stderr
-    assert "threads cannot be interrupted" in server.stderr
+    assert "answered 503; threads cannot be interrupted" in server.stderr
     wait_until(lambda: _pid(server) != first, 15, "a fresh process")
     assert "1 request(s) still running after 3 s; exiting without them" in server.stderr
     assert server.proc.poll() is None
+
+
+def test_fcgi_threads_late_output_of_an_answered_request_never_goes_out(site, start, tmp_path):
+    # The handler returns at 3 s, past its 1 s deadline and the watchdog's 503: what it
+    # writes then is dropped, and its connection (kept alive) was closed with the 503.
+    server = _fcgi(start, tmp_path, site(1), "--threads", "2", env={"TEST_GRACE": "10"})
+    first = _pid(server)
+    with fc.Client(server.address, timeout=20) as client:
+        r = client.request(path="/sleep/3", keep_conn=True)
+        assert r.status == 503 and b"The request took too long." in r.body
+        assert (r.app_status, r.protocol_status) == (0, fc.REQUEST_COMPLETE)
+        assert client.read_until_closed() == b""  # no "slept 3", no second FCGI_END_REQUEST
+    # The worker waits for its stuck thread to return, then exits: a fresh one takes over.
+    wait_until(lambda: _pid(server) != first, 15, "a fresh process")
+    assert server.stderr.count("503 on GET /app.py/sleep/3: the request ran past") == 1
+    assert "Traceback" not in server.stderr
+
+
+def test_fcgi_threads_stream_that_began_is_cut_off_when_the_worker_exits(site, start, tmp_path):
+    server = _fcgi(start, tmp_path, site(1), "--threads", "2", env={"TEST_GRACE": "1"})
+    with fc.Client(server.address, timeout=20) as client:
+        client.send(fc.request(fc.cgi_params(path="/stream")))
+        raw = client.read_until_closed()
+    records = fc.Decoder().feed(raw)
+    stdout = b"".join(rec.content for rec in records if rec.type == fc.STDOUT)
+    assert b"first chunk\n" in stdout and b"503" not in stdout  # its headers were out: no 503
+    assert fc.END_REQUEST not in [rec.type for rec in records]
+    assert "GET /app.py/stream has run for" in server.stderr
+    assert "answered 503" not in server.stderr
 
 
 def test_fcgi_threads_process_holding_the_gil_is_killed_by_the_supervisor(site, start, tmp_path):

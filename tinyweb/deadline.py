@@ -189,20 +189,47 @@ class Watch:
     def watchdog(self, overdue, slot=None, grace=0.0):
         """Check the running requests for ever (a daemon thread's target), beating on ``slot``.
 
-        Call ``overdue(request line, seconds, request_timeout)`` once, for the first request
-        past its deadline. The caller beats once before the threads that serve start: a
-        request that takes the GIL for good before this thread first runs must still find a
-        deadline posted.
+        Call ``overdue(request line, seconds, request_timeout, answered)`` once, for the
+        first request past its deadline. A late request whose gateway can answer it from
+        this thread (ANSWER in its environ) gets the 503 at once, if its response has not
+        begun; its thread goes on until it returns, and nothing it writes goes out. The
+        caller beats once before the threads that serve start: a request that takes the GIL
+        for good before this thread first runs must still find a deadline posted.
         """
         tick = min(1.0, self.seconds / 4)
         while True:
             time.sleep(tick)
             now, steps = self.beat(slot, grace)
             late = [(now - since, environ) for since, environ in steps if now - since > self.seconds]
+            answered = [_answer(environ, self.seconds) for _, environ in late]
             if late and not self.fired:
                 elapsed, environ = max(late, key=lambda step: step[0])
-                overdue(printable(line_of(environ).decode("latin-1")), elapsed, self.seconds)
+                overdue(printable(line_of(environ).decode("latin-1")), elapsed, self.seconds,
+                        any(answered))
                 self.fired = True
+
+
+#: An environ key: a callable a gateway puts there when it can answer a request from another
+#: thread, ``answer(status, headers, body) -> bool`` (False when the response has begun).
+ANSWER = "tinyweb.answer_overdue"
+
+
+def _answer(environ, seconds):
+    """Answer a late request with the 503 page through its gateway; tell whether it went out."""
+    answer = environ.get(ANSWER)
+    if answer is None:
+        return False
+    body = _PAGE.encode("utf-8")
+    sent = answer("503 Service Unavailable", [("Content-Type", "text/html; charset=utf-8"),
+                                              ("Content-Length", str(len(body)))], body)
+    if sent:
+        from tinyweb.app import App, _request_line
+        from tinyweb.deferred import drop, dropped_note
+
+        App._log(environ, "503 on %s: the request ran past request_timeout (%g s)%s; its thread "
+                 "runs on, and nothing more it writes goes out"
+                 % (_request_line(environ), seconds, dropped_note(drop(environ))))
+    return sent
 
 
 class Scoreboard:

@@ -12,6 +12,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 import time
 
 from flup.server import fcgi_base as fb
@@ -103,6 +104,12 @@ def _content_length(params):
     return int(value) if value.isascii() and value.isdigit() and len(value) < 20 else None
 
 
+def _encode(rtype, request_id, data):
+    """Return a record's bytes: header, content, padding to a multiple of 8."""
+    padding = -len(data) & 7
+    return struct.pack(fb.FCGI_Header, 1, rtype, request_id, len(data), padding) + data + bytes(padding)
+
+
 class GatewayConnection(fb.Connection):
     """flup's Connection with bounded, checked reads, aborts answered, and a bounded close."""
 
@@ -128,6 +135,11 @@ class GatewayConnection(fb.Connection):
         self._stdin_done = False  # the empty FCGI_STDIN record that ends a body has come
         self._stdin_count = 0  # bytes of FCGI_STDIN received
         self._stdin_limit = None  # CONTENT_LENGTH, once the params are in
+        if worker.threads > 1:
+            # The watchdog may answer a stuck request from its own thread (answer): each
+            # record then goes out whole, never between another's bytes.
+            self.write_lock = threading.RLock()
+            self.writeRecord = self._locked_write_record
 
     parkable = False  # set by a single-threaded worker: see _wait_for_request
 
@@ -398,9 +410,7 @@ class GatewayConnection(fb.Connection):
         if data and rec.type == fb.FCGI_STDOUT:
             # Before each chunk that goes out now, look for an FCGI_ABORT_REQUEST.
             self._stop_if_aborted(rec, read_ahead=not hold)
-        padding = -len(data) & 7
-        out = struct.pack(fb.FCGI_Header, 1, rec.type, rec.requestId, len(data), padding)
-        out += data + bytes(padding)
+        out = _encode(rec.type, rec.requestId, data)
         if hold:
             self._held.append(out)
             self._held_size += len(out)
@@ -414,10 +424,49 @@ class GatewayConnection(fb.Connection):
         except socket.timeout:
             # Not an OSError any more: flup's handler would retry writing an error page.
             self._fail(DropConnection("the web server read nothing for %g s" % WRITE_TIMEOUT))
+            if rec.type == fb.FCGI_STDERR:
+                self._orphaned_stderr(data)
+                return
             raise self._failure from None
         except OSError as exc:
             self._fail(exc)  # a dead peer fails every later write at once
+            if rec.type == fb.FCGI_STDERR:
+                self._orphaned_stderr(data)
+                return
             raise
+
+    def _locked_write_record(self, rec):
+        with self.write_lock:
+            GatewayConnection.writeRecord(self, rec)
+
+    def answer(self, request_id, data):
+        """Send ``data`` as the whole output of ``request_id``, with its FCGI_END_REQUEST, and
+        shut the connection down; from a thread other than the one running the request.
+
+        The caller holds write_lock and has made sure none of the request's output went out.
+        The request's own thread is stuck in the app: the shutdown ends its reads, and the
+        web server's next request goes to another connection.
+        """
+        out = b"".join(self._held)
+        self._held, self._held_size = [], 0
+        for at in range(0, len(data), 65535):
+            out += _encode(fb.FCGI_STDOUT, request_id, data[at:at + 65535])
+        out += _encode(fb.FCGI_STDOUT, request_id, b"")
+        out += _encode(fb.FCGI_END_REQUEST, request_id,
+                       struct.pack(fb.FCGI_EndRequestBody, 0, fb.FCGI_REQUEST_COMPLETE))
+        try:
+            self._send(out)
+        except OSError:
+            pass  # the web server is gone: nobody to answer
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def forget(self, req):
+        """End a request answered by answer(), and with it this connection, writing nothing."""
+        self._requests.pop(req.requestId, None)
+        self._keepGoing = False
 
     def _orphaned_stderr(self, data):
         """Log to our own stderr what the app logged (wsgi.errors) after the web server went.

@@ -8,7 +8,8 @@ module imports flup: only fcgi.py's ``serve`` does.
 
 from flup.server import fcgi_base as fb
 
-from tinyweb.deadline import ResponseCutOff
+from tinyweb.deadline import ANSWER, ResponseCutOff
+from tinyweb.deferred import drop
 from tinyweb.runners.fcgi_connection import WHOLE, GatewayConnection
 from tinyweb.runners.prefork import DropConnection
 
@@ -46,10 +47,38 @@ class GatewayRequest(fb.Request):
         self.started = False  # the app has been called
         self.abort_reason = None
 
+    answered = False  # by answer_overdue: nothing more of this request goes out
+
     def abort(self, reason):
         """Make the app's body reads and output writes raise RequestAborted from now on."""
         if self.abort_reason is None:
             self.abort_reason = self.stdin.aborted = self.data.aborted = reason
+
+    def answer_overdue(self, status, headers, body):
+        """Answer in place of a stuck app, from the watchdog's thread (deadline.ANSWER).
+
+        Return False, sending nothing, when the app's response has begun: it can only be cut
+        off, when the worker exits.
+        """
+        conn = self._conn
+        with conn.write_lock:
+            if self.answered or self.stdout.dataWritten or self.abort_reason is not None:
+                return False
+            self.answered = True
+            self.abort("answered 503 past request_timeout")  # the app's writes raise from now on
+            head = "Status: %s\r\n%s\r\n" % (status, "".join("%s: %s\r\n" % h for h in headers))
+            conn.answer(self.requestId, head.encode("latin-1") + body)
+        return True
+
+    def _flush(self):
+        if not self.answered:
+            super()._flush()
+
+    def _end(self, appStatus=0, protocolStatus=fb.FCGI_REQUEST_COMPLETE):
+        if self.answered:
+            self._conn.forget(self)  # its FCGI_END_REQUEST went out with the answer
+        else:
+            super()._end(appStatus, protocolStatus)
 
     def run(self):
         # flup's run() ends with Connection.end_request (FCGI_END_REQUEST, and the socket
@@ -60,6 +89,8 @@ class GatewayRequest(fb.Request):
         finally:
             worker = self._conn.worker
             worker.request_done()
+            if self.answered:
+                drop(self.params)  # what the app deferred after its 503 went out
             # On the worker's pool, so a slow task never holds its next request.
             worker.tasks.submit(self.params.get("tinyweb.after_response"))
             self._release()
@@ -91,6 +122,8 @@ class GatewayServer(fb.BaseFCGIServer):
         req.params["tinyweb.mode"] = "fcgi"
         req.params["tinyweb.after_response"] = []
         req.params["tinyweb.defer_room"] = req._conn.worker.tasks.room()
+        if self.multithreaded:
+            req.params[ANSWER] = req.answer_overdue
         try:
             return super().handler(req)
         except ResponseCutOff as exc:

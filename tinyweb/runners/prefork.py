@@ -163,10 +163,11 @@ class Worker:
         # the server (a forked worker, or the one process under mod_fcgid).
         self.server.application = Guard(self.server.application, self.timer)
 
-    def _overdue(self, line, elapsed, seconds):
-        log("%s has run for %.0f s, past request_timeout (%g s); threads cannot be interrupted, "
-            "so this worker takes no more requests, lets the others finish (up to %g s) and "
-            "exits, and a fresh one takes over" % (line, elapsed, seconds, SHUTDOWN_GRACE))
+    def _overdue(self, line, elapsed, seconds, answered):
+        log("%s has run for %.0f s, past request_timeout (%g s)%s; threads cannot be "
+            "interrupted, so this worker takes no more requests, lets the others finish (up to "
+            "%g s) and exits, and a fresh one takes over"
+            % (line, elapsed, seconds, ", answered 503" if answered else "", SHUTDOWN_GRACE))
         self.stop()
 
     def _thread_main(self):
