@@ -106,6 +106,22 @@ def defer_then_sleep(request, seconds):
     return "slept"
 
 
+@app.get("/log-flood")
+def log_flood(request):
+    # More than the socket holds, to a web server that reads nothing: the thread blocks
+    # writing FCGI_STDERR.
+    request.environ["wsgi.errors"].write("x" * 2000000)
+    request.environ["wsgi.errors"].flush()
+    return "flooded"
+
+
+@app.get("/sleep-then-log/{seconds}")
+def sleep_then_log(request, seconds):
+    time.sleep(float(seconds))
+    request.environ["wsgi.errors"].write("a line the handler logged once it woke\n")
+    return "slept"
+
+
 @app.get("/alarm")
 def alarm(request):
     return {"handler": repr(signal.getsignal(signal.SIGALRM)),
@@ -356,6 +372,17 @@ def _fcgi(start, tmp_path, root, *model, env=None, stdin=None):
     return server.wait_ready()
 
 
+def _fcgi_on_stdin(start, tmp_path, root, env=None):
+    """Start the site's app.py with a listening socket on stdin, as mod_fcgid spawns it."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "app.sock"))
+    listener.listen(16)
+    try:
+        return _fcgi(start, tmp_path, root, stdin=listener, env=env)
+    finally:
+        listener.close()
+
+
 def _pid(server):
     return int(server.fetch("/pid").body)
 
@@ -453,6 +480,30 @@ def test_fcgi_threads_late_output_of_an_answered_request_never_goes_out(site, st
     assert "Traceback" not in server.stderr
 
 
+def test_fcgi_threads_watchdog_answers_while_another_thread_is_stuck_writing(site, start, tmp_path):
+    # One thread blocks writing to a web server that reads nothing (holding its connection's
+    # write lock); the watchdog must still answer the other, and go on beating.
+    server = _fcgi(start, tmp_path, site(1), "--threads", "2")
+    with fc.Client(server.address, timeout=30) as flood:
+        flood.send(fc.request(fc.cgi_params(path="/log-flood")))
+        time.sleep(0.5)
+        began = time.monotonic()
+        r = server.fetch("/sleep/30", timeout=30)
+        assert r.status == 503 and b"The request took too long." in r.body
+        assert time.monotonic() - began < ANSWER_WITHIN
+
+
+def test_fcgi_threads_socket_on_stdin_keeps_what_an_answered_request_logged(site, start, tmp_path):
+    # Under mod_fcgid wsgi.errors is only FCGI_STDERR, buffered until the request ends: after
+    # the watchdog's 503 the connection is shut, and the lines go to our stderr instead.
+    server = _fcgi_on_stdin(start, tmp_path, site(1), env={"TINYWEB_THREADS": "2"})
+    r = server.fetch("/sleep-then-log/3", timeout=20)
+    assert r.status == 503
+    wait_until(lambda: "a line the handler logged once it woke" in server.stderr, 10,
+               "the handler's line, once it returns")
+    assert "503 on GET /app.py/sleep-then-log/3: the request ran past request_timeout" in server.stderr
+
+
 def test_fcgi_threads_stream_that_began_is_cut_off_when_the_worker_exits(site, start, tmp_path):
     server = _fcgi(start, tmp_path, site(1), "--threads", "2", env={"TEST_GRACE": "1"})
     with fc.Client(server.address, timeout=20) as client:
@@ -481,14 +532,7 @@ def test_fcgi_threads_process_holding_the_gil_is_killed_by_the_supervisor(site, 
 
 
 def test_fcgi_socket_on_stdin_answers_503_then_exits_for_a_fresh_process(site, start, tmp_path):
-    root = site(1)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / "app.sock"))
-    listener.listen(16)
-    try:
-        server = _fcgi(start, tmp_path, root, stdin=listener)  # as mod_fcgid spawns it
-    finally:
-        listener.close()
+    server = _fcgi_on_stdin(start, tmp_path, site(1))
     r = server.fetch("/sleep/30", timeout=20)
     assert r.status == 503
     # mod_fcgid spawns another process for the next request.

@@ -307,6 +307,23 @@ def test_unusable_session_store_is_503(tmp_path):
     assert client.get("/page").body == b"no session here"
 
 
+def test_tasks_of_a_request_whose_session_store_fails_are_dropped(tmp_path):
+    # The 503 asks the client to try again: its tasks would run twice.
+    (tmp_path / "file").write_text("a file where the data dir should be")
+    app = make_app(tmp_path / "file" / "data")
+    ran = []
+
+    @app.get("/defer-and-count")
+    def defer_and_count(request):
+        request.defer(ran.append, "task")
+        request.session["n"] = 1
+        return "counted"
+
+    res = Client(app).get("/defer-and-count", status=503, expect_errors=True)
+    assert ran == []
+    assert "503 on GET /defer-and-count (1 deferred task dropped): cannot create" in res.errors
+
+
 def test_missing_secret_is_500_naming_the_config_file(data_dir):
     config = os.environ["TINYWEB_CONFIG"]
     client = Client(make_app(data_dir, secret=None))

@@ -159,7 +159,11 @@ class App:
             responses.check_headers(response.headerlist)
             return response
         except SessionStoreError as error:
-            self._log(environ, "503 on %s: %s" % (_request_line(environ), error))
+            from tinyweb.deferred import drop, dropped_note
+
+            # A 503 asks the client to try again: the tasks would run once more then.
+            note = dropped_note(drop(environ))
+            self._log(environ, "503 on %s%s: %s" % (_request_line(environ), note, error))
             return exc.HTTPServiceUnavailable("The session store is unavailable; try again later.")
         except Exception as error:
             import traceback
@@ -203,7 +207,10 @@ class App:
             getattr(stream, "flush", lambda: None)()
         except (OSError, ValueError):
             if stream is not sys.stderr:  # the server's error stream is gone: ours, then
-                sys.stderr.write(line)
+                try:
+                    sys.stderr.write(line)
+                except (OSError, ValueError):
+                    pass
 
 
 def _request_id(environ):

@@ -14,6 +14,7 @@ never touches signals, so any WSGI server or test client runs it as it is. Work 
 ``request.defer`` runs after the Guard is done and is not bounded by it.
 """
 
+import sys
 import time
 
 # _signal, not signal: signal.py only wraps these ints in IntEnums, and importing it costs a
@@ -21,7 +22,7 @@ import time
 import _signal
 
 __all__ = ["RequestTimeout", "ResponseCutOff", "Alarm", "PostedAlarm", "Watch", "Scoreboard", "Guard",
-           "timeout_of"]
+           "timeout_of", "ANSWER"]
 
 TOO_LONG = "The request took too long."
 # SIGALRM that rings sooner than this before the deadline of the step now running belongs to a
@@ -200,12 +201,12 @@ class Watch:
         while True:
             time.sleep(tick)
             now, steps = self.beat(slot, grace)
-            late = [(now - since, environ) for since, environ in steps if now - since > self.seconds]
-            answered = [_answer(environ, self.seconds) for _, environ in late]
+            late = [(now - since, environ, _answer(environ, self.seconds))
+                    for since, environ in steps if now - since > self.seconds]
             if late and not self.fired:
-                elapsed, environ = max(late, key=lambda step: step[0])
+                elapsed, environ, answered = max(late, key=lambda step: step[0])
                 overdue(printable(line_of(environ).decode("latin-1")), elapsed, self.seconds,
-                        any(answered))
+                        answered)
                 self.fired = True
 
 
@@ -215,21 +216,31 @@ ANSWER = "tinyweb.answer_overdue"
 
 
 def _answer(environ, seconds):
-    """Answer a late request with the 503 page through its gateway; tell whether it went out."""
+    """Answer a late request with the 503 page through its gateway; tell whether it went out.
+
+    Never raises: it runs on the watchdog's thread, whose heartbeat keeps the process alive.
+    """
     answer = environ.get(ANSWER)
     if answer is None:
         return False
-    body = _PAGE.encode("utf-8")
-    sent = answer("503 Service Unavailable", [("Content-Type", "text/html; charset=utf-8"),
-                                              ("Content-Length", str(len(body)))], body)
-    if sent:
-        from tinyweb.app import App, _request_line
-        from tinyweb.deferred import drop, dropped_note
+    try:
+        body = _PAGE.encode("utf-8")
+        sent = answer("503 Service Unavailable", [("Content-Type", "text/html; charset=utf-8"),
+                                                  ("Content-Length", str(len(body)))], body)
+        if sent:
+            from tinyweb.app import _request_id, _request_line
+            from tinyweb.deferred import drop, dropped_note
 
-        App._log(environ, "503 on %s: the request ran past request_timeout (%g s)%s; its thread "
-                 "runs on, and nothing more it writes goes out"
-                 % (_request_line(environ), seconds, dropped_note(drop(environ))))
-    return sent
+            # To our own stderr: the request's connection is shut, and its wsgi.errors is
+            # the request thread's to write.
+            sys.stderr.write("tinyweb[%s]: 503 on %s: the request ran past request_timeout "
+                             "(%g s)%s; its thread runs on, and nothing more it writes goes out\n"
+                             % (_request_id(environ), _request_line(environ), seconds,
+                                dropped_note(drop(environ))))
+            sys.stderr.flush()
+        return sent
+    except Exception:  # noqa: BLE001 - a failed answer must not stop the watchdog
+        return False
 
 
 class Scoreboard:
@@ -392,7 +403,7 @@ class _GuardedBody:
             import traceback
 
             _log(self._environ, "close() of the response body stopped", exc,
-                 traceback.format_exc().rstrip())
+                 traceback.format_exc().rstrip(), drop_tasks=False)
         finally:
             timer.end(token)
 
@@ -406,15 +417,16 @@ def _close(result):
             pass
 
 
-def _log(environ, what, exc, text):
+def _log(environ, what, exc, text, drop_tasks=True):
     """Log one line about the request, as the App logs a 500, with where it was stuck.
 
-    The tasks the request deferred are dropped, as after a 500: it did not complete.
+    The tasks the request deferred are dropped, as after a 500, unless ``drop_tasks`` is
+    false: a 503 or a cut-off response is not the response they were to follow.
     """
     from tinyweb.app import App, _request_line
     from tinyweb.deferred import drop, dropped_note
 
-    note = dropped_note(drop(environ))
+    note = dropped_note(drop(environ)) if drop_tasks else ""
     App._log(environ, "%s on %s: %s%s\n%s" % (what, _request_line(environ), exc, note, text))
 
 

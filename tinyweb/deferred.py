@@ -13,8 +13,8 @@ import sys
 # functools, threading and traceback are imported where used: a CGI request imports this
 # module on every request and rarely defers anything.
 
-__all__ = ["defer", "drop", "run_tasks", "start_thread", "TooManyTasks", "MAX_PENDING", "AtClose",
-           "TaskPool"]
+__all__ = ["defer", "drop", "dropped_note", "run_tasks", "start_thread", "TooManyTasks", "MAX_PENDING",
+           "AtClose", "TaskPool"]
 
 # Pending tasks one process will hold; past it defer() raises instead of piling up work
 # (or, under CGI, processes) without bound.

@@ -20,7 +20,7 @@ from webob.request import DisconnectionError
 
 from tinyweb.runners.prefork import DropConnection, IdleConnection, ParkConnection
 
-__all__ = ["GatewayConnection", "RequestAborted", "WHOLE", "READ_TIMEOUT"]
+__all__ = ["GatewayConnection", "ThreadedGatewayConnection", "RequestAborted", "WHOLE", "READ_TIMEOUT"]
 
 # Seconds a web server may leave a connection silent (idle between requests, or stalled in
 # the middle of a record) before it is closed, so a slow peer cannot hold a worker forever.
@@ -135,11 +135,6 @@ class GatewayConnection(fb.Connection):
         self._stdin_done = False  # the empty FCGI_STDIN record that ends a body has come
         self._stdin_count = 0  # bytes of FCGI_STDIN received
         self._stdin_limit = None  # CONTENT_LENGTH, once the params are in
-        if worker.threads > 1:
-            # The watchdog may answer a stuck request from its own thread (answer): each
-            # record then goes out whole, never between another's bytes.
-            self.write_lock = threading.RLock()
-            self.writeRecord = self._locked_write_record
 
     parkable = False  # set by a single-threaded worker: see _wait_for_request
 
@@ -215,8 +210,8 @@ class GatewayConnection(fb.Connection):
             except BlockingIOError:
                 pass
 
-    def _send(self, data):
-        """Send all of ``data`` within WRITE_TIMEOUT; raise socket.timeout past it."""
+    def _send(self, data, timeout=WRITE_TIMEOUT):
+        """Send all of ``data`` within ``timeout``; raise socket.timeout past it."""
         view, deadline = memoryview(data), None
         while view:
             try:
@@ -225,7 +220,7 @@ class GatewayConnection(fb.Connection):
             except BlockingIOError:
                 pass
             if deadline is None:
-                deadline = time.monotonic() + WRITE_TIMEOUT
+                deadline = time.monotonic() + timeout
             if not self._wait_io(select.POLLOUT, deadline):
                 raise socket.timeout
 
@@ -435,45 +430,13 @@ class GatewayConnection(fb.Connection):
                 return
             raise
 
-    def _locked_write_record(self, rec):
-        with self.write_lock:
-            GatewayConnection.writeRecord(self, rec)
-
-    def answer(self, request_id, data):
-        """Send ``data`` as the whole output of ``request_id``, with its FCGI_END_REQUEST, and
-        shut the connection down; from a thread other than the one running the request.
-
-        The caller holds write_lock and has made sure none of the request's output went out.
-        The request's own thread is stuck in the app: the shutdown ends its reads, and the
-        web server's next request goes to another connection.
-        """
-        out = b"".join(self._held)
-        self._held, self._held_size = [], 0
-        for at in range(0, len(data), 65535):
-            out += _encode(fb.FCGI_STDOUT, request_id, data[at:at + 65535])
-        out += _encode(fb.FCGI_STDOUT, request_id, b"")
-        out += _encode(fb.FCGI_END_REQUEST, request_id,
-                       struct.pack(fb.FCGI_EndRequestBody, 0, fb.FCGI_REQUEST_COMPLETE))
-        try:
-            self._send(out)
-        except OSError:
-            pass  # the web server is gone: nobody to answer
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def forget(self, req):
-        """End a request answered by answer(), and with it this connection, writing nothing."""
-        self._requests.pop(req.requestId, None)
-        self._keepGoing = False
-
     def _orphaned_stderr(self, data):
         """Log to our own stderr what the app logged (wsgi.errors) after the web server went.
 
         Raising would fail the app's logging of that very loss (a 400 for a body cut short
-        logged as a 500 with a traceback). Bound to a socket of our own, flup's
-        TeeOutputStream has written it to our stderr already (fcgi_base.py:1087).
+        logged as a 500 with a traceback). Bound to a socket of our own, the app's
+        wsgi.errors is flup's TeeOutputStream, which has written it to our stderr already
+        (fcgi_base.py:1087); what flup itself writes to FCGI_STDERR is lost then.
         """
         if data and self.server._bindAddress is None:
             try:
@@ -549,3 +512,50 @@ class GatewayConnection(fb.Connection):
         self._closed = True
         self._keepGoing = False
         self._sock.close()
+
+
+class ThreadedGatewayConnection(GatewayConnection):
+    """A connection of a --threads worker, whose watchdog may answer a stuck request (answer).
+
+    Every record goes out under write_lock, so the watchdog's never lands between another's
+    bytes.
+    """
+
+    # Seconds the watchdog's answer may take to go out: it must get back to its heartbeat.
+    ANSWER_TIMEOUT = 1.0
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.write_lock = threading.RLock()
+
+    def writeRecord(self, rec):
+        with self.write_lock:
+            super().writeRecord(rec)
+
+    def answer(self, request_id, data):
+        """Send ``data`` as the whole output of ``request_id`` and shut the connection down.
+
+        Called from the watchdog's thread, holding write_lock, once none of the request's
+        output has gone out. Its own thread is stuck in the app: the shutdown ends its reads,
+        and the web server sends its next request on another connection.
+        """
+        out = b"".join(self._held)
+        self._held, self._held_size = [], 0
+        for at in range(0, len(data), 65535):
+            out += _encode(fb.FCGI_STDOUT, request_id, data[at:at + 65535])
+        out += _encode(fb.FCGI_STDOUT, request_id, b"")
+        out += _encode(fb.FCGI_END_REQUEST, request_id,
+                       struct.pack(fb.FCGI_EndRequestBody, 0, fb.FCGI_REQUEST_COMPLETE))
+        try:
+            self._send(out, self.ANSWER_TIMEOUT)
+        except OSError:
+            pass  # the web server is gone or not reading: nobody to answer
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def forget(self, req):
+        """End a request answered by answer(), and with it this connection, writing nothing."""
+        self._requests.pop(req.requestId, None)
+        self._keepGoing = False

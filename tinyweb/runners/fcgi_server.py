@@ -10,7 +10,7 @@ from flup.server import fcgi_base as fb
 
 from tinyweb.deadline import ANSWER, ResponseCutOff
 from tinyweb.deferred import drop
-from tinyweb.runners.fcgi_connection import WHOLE, GatewayConnection
+from tinyweb.runners.fcgi_connection import WHOLE, GatewayConnection, ThreadedGatewayConnection
 from tinyweb.runners.prefork import DropConnection
 
 __all__ = ["make_server"]
@@ -21,7 +21,7 @@ def make_server(app, bind, threads, multiprocess):
     # bindAddress only decides here whether wsgi.errors also goes to our stderr (when bound).
     server = GatewayServer(app, multithreaded=threads > 1, multiprocess=multiprocess,
                            bindAddress=bind)
-    return server, GatewayConnection
+    return server, (ThreadedGatewayConnection if threads > 1 else GatewayConnection)
 
 
 def _marking_whole_bodies(app):
@@ -46,8 +46,7 @@ class GatewayRequest(fb.Request):
         self.params_done = False  # the empty FCGI_PARAMS record has come
         self.started = False  # the app has been called
         self.abort_reason = None
-
-    answered = False  # by answer_overdue: nothing more of this request goes out
+        self.answered = False  # by answer_overdue: nothing more of this request goes out
 
     def abort(self, reason):
         """Make the app's body reads and output writes raise RequestAborted from now on."""
@@ -60,18 +59,28 @@ class GatewayRequest(fb.Request):
         Return False, sending nothing, when the app's response has begun: it can only be cut
         off, when the worker exits.
         """
+        if self.answered or self.stdout.dataWritten or self.abort_reason is not None:
+            return False  # each only ever turns true: no need to wait for the lock to see it
         conn = self._conn
-        with conn.write_lock:
-            if self.answered or self.stdout.dataWritten or self.abort_reason is not None:
+        # Not blocking: the request's thread may hold the lock in a long write, and the
+        # watchdog must go on beating; it tries again on its next tick.
+        if not conn.write_lock.acquire(blocking=False):
+            return False
+        try:
+            if self.stdout.dataWritten or self.abort_reason is not None:
                 return False
             self.answered = True
             self.abort("answered 503 past request_timeout")  # the app's writes raise from now on
             head = "Status: %s\r\n%s\r\n" % (status, "".join("%s: %s\r\n" % h for h in headers))
             conn.answer(self.requestId, head.encode("latin-1") + body)
+        finally:
+            conn.write_lock.release()
         return True
 
     def _flush(self):
-        if not self.answered:
+        if self.answered:
+            self.stderr.flush()  # what the app logged: to our stderr, its connection is shut
+        else:
             super()._flush()
 
     def _end(self, appStatus=0, protocolStatus=fb.FCGI_REQUEST_COMPLETE):

@@ -235,6 +235,8 @@ def _relay(sock, out, env):
                 return True, left, None  # the client went away: nobody to answer
 
 
+# Here rather than in cgi.py, which uses it too: every CGI request imports this module first
+# (handoff), and only a cold one imports cgi.py and its wsgiref.
 def let_go_of_stdout():
     """Point fd 1 at /dev/null, for the web server has stopped reading it (its client went).
 
