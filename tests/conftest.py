@@ -14,6 +14,14 @@ import servers  # noqa: E402
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture
+def client(app):
+    """A WebTest client of the test module's ``app`` fixture."""
+    from helpers import Client
+
+    return Client(app)
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "real_server: runs the app under a real Apache/nginx/FastCGI server (needs root)"

@@ -155,11 +155,6 @@ def app(tmp_path):
     return make_app(tmp_path)
 
 
-@pytest.fixture
-def client(app):
-    return Client(app)
-
-
 # -- handler return values ---------------------------------------------------------------
 
 

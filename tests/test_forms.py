@@ -9,7 +9,7 @@ import time
 import pytest
 import webob
 
-from helpers import (CHECKOUT, SECRET, Client, cgi_environ, clean_env, make_site, run_wsgi,  # noqa: F401  (a fixture)
+from helpers import (CHECKOUT, SECRET, cgi_environ, clean_env, make_site, run_wsgi,  # noqa: F401  (a fixture)
                      run_cgi, split_cgi)
 from tinyweb import App
 from tinyweb.forms import MAX_FIELDS, MAX_LINES, MAX_PART_HEADER_LINES, MAX_PARTS, MAX_SPOOLED_PARTS
@@ -82,11 +82,6 @@ def make_app(tmp_path, **settings):
 @pytest.fixture
 def app(tmp_path):
     return make_app(tmp_path)
-
-
-@pytest.fixture
-def client(app):
-    return Client(app)
 
 
 def field(name, value):

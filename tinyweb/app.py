@@ -159,20 +159,19 @@ class App:
             responses.check_headers(response.headerlist)
             return response
         except SessionStoreError as error:
-            from tinyweb.deferred import drop, dropped_note
+            from tinyweb.deferred import drop
 
             # A 503 asks the client to try again: the tasks would run once more then.
-            note = dropped_note(drop(environ))
-            self._log(environ, "503 on %s%s: %s" % (_request_line(environ), note, error))
+            self._log(environ, "503 on %s%s: %s" % (_request_line(environ), drop(environ), error))
             return exc.HTTPServiceUnavailable("The session store is unavailable; try again later.")
         except Exception as error:
             import traceback
 
-            from tinyweb.deferred import drop, dropped_note
+            from tinyweb.deferred import drop
 
             text = traceback.format_exc()
-            note = dropped_note(drop(environ))
-            self._log(environ, "500 on %s%s\n%s" % (_request_line(environ), note, text.rstrip()))
+            dropped = drop(environ)
+            self._log(environ, "500 on %s%s\n%s" % (_request_line(environ), dropped, text.rstrip()))
             debug = False
             if not isinstance(error, ConfigError):
                 try:

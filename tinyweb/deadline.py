@@ -228,16 +228,15 @@ def _answer(environ, seconds):
         sent = answer("503 Service Unavailable", [("Content-Type", "text/html; charset=utf-8"),
                                                   ("Content-Length", str(len(body)))], body)
         if sent:
-            from tinyweb.app import _request_id, _request_line
-            from tinyweb.deferred import drop, dropped_note
+            from tinyweb.app import App, _request_line
+            from tinyweb.deferred import drop
 
             # To our own stderr: the request's connection is shut, and its wsgi.errors is
             # the request thread's to write.
-            sys.stderr.write("tinyweb[%s]: 503 on %s: the request ran past request_timeout "
-                             "(%g s)%s; its thread runs on, and nothing more it writes goes out\n"
-                             % (_request_id(environ), _request_line(environ), seconds,
-                                dropped_note(drop(environ))))
-            sys.stderr.flush()
+            App._log(dict(environ, **{"wsgi.errors": sys.stderr}),
+                     "503 on %s: the request ran past request_timeout (%g s)%s; its thread runs "
+                     "on, and nothing more it writes goes out"
+                     % (_request_line(environ), seconds, drop(environ)))
         return sent
     except Exception:  # noqa: BLE001 - a failed answer must not stop the watchdog
         return False
@@ -424,9 +423,9 @@ def _log(environ, what, exc, text, drop_tasks=True):
     false: a 503 or a cut-off response is not the response they were to follow.
     """
     from tinyweb.app import App, _request_line
-    from tinyweb.deferred import drop, dropped_note
+    from tinyweb.deferred import drop
 
-    note = dropped_note(drop(environ)) if drop_tasks else ""
+    note = drop(environ) if drop_tasks else ""
     App._log(environ, "%s on %s: %s%s\n%s" % (what, _request_line(environ), exc, note, text))
 
 

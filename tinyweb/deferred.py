@@ -13,8 +13,8 @@ import sys
 # functools, threading and traceback are imported where used: a CGI request imports this
 # module on every request and rarely defers anything.
 
-__all__ = ["defer", "drop", "dropped_note", "run_tasks", "start_thread", "TooManyTasks", "MAX_PENDING",
-           "AtClose", "TaskPool"]
+__all__ = ["defer", "drop", "run_tasks", "start_thread", "TooManyTasks", "MAX_PENDING", "AtClose",
+           "TaskPool"]
 
 # Pending tasks one process will hold; past it defer() raises instead of piling up work
 # (or, under CGI, processes) without bound.
@@ -45,7 +45,7 @@ def defer(environ, func, args, kwargs):
 
 
 def drop(environ):
-    """Forget the tasks this request deferred, for it failed; return how many there were.
+    """Forget the tasks this request deferred, for it failed; return what its log line says of it.
 
     A task is work that follows a response (the receipt for an order taken): after an
     uncaught exception or a request past its deadline, there is no such response to follow.
@@ -56,14 +56,9 @@ def drop(environ):
         if tasks:
             dropped += len(tasks)
             del tasks[:]
-    return dropped
-
-
-def dropped_note(count):
-    """Say, for the request's log line, how many deferred tasks drop() forgot."""
-    if not count:
+    if not dropped:
         return ""
-    return " (%d deferred task%s dropped)" % (count, "" if count == 1 else "s")
+    return " (%d deferred task%s dropped)" % (dropped, "" if dropped == 1 else "s")
 
 
 def _name(task):

@@ -390,14 +390,22 @@ class GatewayConnection(fb.Connection):
         self.writeRecord(rec)
 
     def writeRecord(self, rec):
+        if rec.type != fb.FCGI_STDERR:
+            return self._write_record(rec)
+        # The app's log lines (wsgi.errors) never fail it: raising would fail the app's
+        # logging of the very loss of its web server (a 400 for a body cut short logged as a
+        # 500 with a traceback). Once the connection is gone, they go to our stderr.
+        try:
+            self._write_record(rec)
+        except (OSError, EOFError, DropConnection):
+            self._orphaned_stderr(rec.contentData)
+
+    def _write_record(self, rec):
         # One send per record (flup sends header, content and padding apart); the empty
         # records that end STDOUT/STDERR travel with FCGI_END_REQUEST, which follows them,
         # and so do a whole body's (flup writes its headers and body apart): one send for
         # a whole response, where streaming needs each chunk sent as it comes.
         if self._failure is not None:
-            if rec.type == fb.FCGI_STDERR:
-                self._orphaned_stderr(rec.contentData)
-                return
             raise self._failure
         data = rec.contentData
         hold = rec.type in (fb.FCGI_STDOUT, fb.FCGI_STDERR) and (
@@ -419,24 +427,17 @@ class GatewayConnection(fb.Connection):
         except socket.timeout:
             # Not an OSError any more: flup's handler would retry writing an error page.
             self._fail(DropConnection("the web server read nothing for %g s" % WRITE_TIMEOUT))
-            if rec.type == fb.FCGI_STDERR:
-                self._orphaned_stderr(data)
-                return
             raise self._failure from None
         except OSError as exc:
             self._fail(exc)  # a dead peer fails every later write at once
-            if rec.type == fb.FCGI_STDERR:
-                self._orphaned_stderr(data)
-                return
             raise
 
     def _orphaned_stderr(self, data):
         """Log to our own stderr what the app logged (wsgi.errors) after the web server went.
 
-        Raising would fail the app's logging of that very loss (a 400 for a body cut short
-        logged as a 500 with a traceback). Bound to a socket of our own, the app's
-        wsgi.errors is flup's TeeOutputStream, which has written it to our stderr already
-        (fcgi_base.py:1087); what flup itself writes to FCGI_STDERR is lost then.
+        Bound to a socket of our own, the app's wsgi.errors is flup's TeeOutputStream, which
+        has written it to our stderr already (fcgi_base.py:1087); what flup itself writes to
+        FCGI_STDERR is lost then.
         """
         if data and self.server._bindAddress is None:
             try:
